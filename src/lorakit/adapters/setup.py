@@ -1,0 +1,29 @@
+"""Apply the `adapter:` config section to a loaded model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorakit.adapters.inject import inject_lora
+from lorakit.config import AdapterConfig
+
+
+def prepare_model(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Make the parameters named by `cfg` trainable; return the adapted module paths.
+
+    lora: wrap the targets in LoRALinear and freeze everything else.
+    full: every parameter trains (for comparison with LoRA); nothing is wrapped.
+    """
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return []
+    return inject_lora(
+        model,
+        cfg.target_modules,
+        r=cfg.r,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        use_rslora=cfg.use_rslora,
+        init=cfg.init,
+    )

@@ -1,0 +1,271 @@
+"""Adapter files in PEFT's format, so PEFT, vLLM and llama.cpp read what we write.
+
+    adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ...
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight / .lora_B.weight
+    lorakit.json                our own metadata (template, quantization, training), optional
+
+When loading, the set of adapted modules and each one's rank are read from the weight
+keys and shapes, not from `target_modules`, so PEFT's rank_pattern and any target syntax
+load correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.adapters.inject import freeze_base, linear_layer_names, lora_layers, wrap_layer
+from lorakit.adapters.lora import LoRALinear
+from lorakit.errors import LorakitError
+from lorakit.io import atomic_dir, atomic_write_text
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LORAKIT_META = "lorakit.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter directory holds."""
+
+    path: Path
+    base_model: str | None
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    target_modules: list[str] | str
+    modules: list[str]
+    num_params: int
+    file_bytes: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's key names, contiguous and on CPU."""
+    state = {}
+    for name, layer in lora_layers(model):
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    return state
+
+
+def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """Target spec for adapter_config.json that selects exactly `names` under PEFT's rules.
+
+    PEFT matches a list by suffix and a string by regex fullmatch. Leaf names are the
+    readable choice when they select the same set; otherwise an exact-path regex.
+    """
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    by_leaf = {n for n in linear_layer_names(model) if n.rsplit(".", 1)[-1] in leaves}
+    if by_leaf == set(names):
+        return leaves
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    base_model_name_or_path: str | None = None,
+    meta: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write the model's LoRA adapters to `directory` in PEFT's format, atomically."""
+    layers = list(lora_layers(model))
+    if not layers:
+        raise LorakitError("the model has no LoRA adapters to save; inject or load one first")
+    first = layers[0][1]
+    ranks = {layer.r for _, layer in layers}
+    alphas = {layer.alpha for _, layer in layers}
+    names = [name for name, _ in layers]
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": _dropout_p(first),
+        "target_modules": peft_target_modules(model, names),
+        "use_rslora": first.use_rslora,
+        "fan_in_fan_out": first.fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    if len(ranks) > 1 or len(alphas) > 1:  # per-layer ranks: PEFT's patterns, by exact path
+        config["rank_pattern"] = {re.escape(n): layer.r for n, layer in layers if layer.r != first.r}
+        config["alpha_pattern"] = {re.escape(n): layer.alpha for n, layer in layers if layer.alpha != first.alpha}
+    directory = Path(directory)
+    with atomic_dir(directory, overwrite=overwrite) as tmp:
+        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+        if meta:
+            atomic_write_text(tmp / LORAKIT_META, json.dumps(meta, indent=2, default=str) + "\n")
+    return directory
+
+
+def _dropout_p(layer: LoRALinear) -> float:
+    return float(getattr(layer.lora_dropout, "p", 0.0))
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LorakitError(f"adapter directory not found: {directory}; check the path")
+    cfg_path = directory / ADAPTER_CONFIG
+    if not cfg_path.exists():
+        raise LorakitError(
+            f"{directory} has no {ADAPTER_CONFIG}; it is not a LoRA adapter directory "
+            "(expected PEFT's adapter_config.json + adapter_model.safetensors)"
+        )
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LorakitError(f"{cfg_path} is not valid JSON ({err}); the adapter is damaged") from None
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise LorakitError(f"{cfg_path}: peft_type is {peft_type or 'missing'}; lorakit loads LORA adapters")
+    if config.get("use_dora"):
+        raise LorakitError(f"{cfg_path}: DoRA adapters are not supported yet; use a plain LoRA adapter")
+    if config.get("modules_to_save"):
+        raise LorakitError(
+            f"{cfg_path}: modules_to_save {config['modules_to_save']} is not supported; "
+            "train LoRA adapters only"
+        )
+    if config.get("bias", "none") != "none":
+        raise LorakitError(f"{cfg_path}: bias={config['bias']!r} is not supported; use bias='none'")
+    return config
+
+
+def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    path = directory / ADAPTER_WEIGHTS
+    if not path.exists():
+        if (directory / "adapter_model.bin").exists():
+            raise LorakitError(
+                f"{directory} holds adapter_model.bin (pickle); lorakit only reads safetensors. "
+                "Re-save it with PEFT's save_pretrained(safe_serialization=True)"
+            )
+        raise LorakitError(f"{directory} has no {ADAPTER_WEIGHTS}; the adapter is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise LorakitError(f"{path} cannot be read ({err}); the adapter file is damaged") from None
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a path suffix by regex."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = False) -> AdapterInfo:
+    """Put the adapter in `directory` onto `model` (injecting LoRA layers where needed)."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = read_adapter_weights(directory)
+    modules = _modules_in(weights, directory)
+    present = set(linear_layer_names(model))
+    missing = [m for m in modules if m not in present]
+    if missing:
+        base = config.get("base_model_name_or_path") or "unknown"
+        raise LorakitError(
+            f"adapter {directory} adapts {len(missing)} module(s) this model does not have "
+            f"(e.g. {missing[0]}); it was trained on base model {base}: load it on that model"
+        )
+    alpha = float(config.get("lora_alpha", 8))
+    use_rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0)) if trainable else 0.0
+    for name in modules:
+        a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"]
+        b = weights[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+        r = int(a.shape[0])
+        layer_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, alpha))
+        existing = model.get_submodule(name)
+        if isinstance(existing, LoRALinear):
+            layer = existing
+        else:
+            layer = LoRALinear(existing, r, layer_alpha, dropout, use_rslora)
+            wrap_layer(model, name, layer)
+        expect_a = (layer.r, layer.in_features)
+        expect_b = (layer.out_features, layer.r)
+        if tuple(a.shape) != expect_a or tuple(b.shape) != expect_b:
+            raise LorakitError(
+                f"adapter {directory}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} but the "
+                f"model's layer needs {expect_a} / {expect_b}; the adapter belongs to another base model"
+            )
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+    freeze_base(model)
+    if not trainable:
+        for _, layer in lora_layers(model):
+            layer.lora_A.weight.requires_grad_(False)
+            layer.lora_B.weight.requires_grad_(False)
+    return adapter_info(directory, config, weights)
+
+
+def _modules_in(weights: dict[str, torch.Tensor], directory: Path) -> list[str]:
+    modules, unknown = [], []
+    for key in weights:
+        if key.startswith(PEFT_PREFIX) and key.endswith(".lora_A.weight"):
+            name = key[len(PEFT_PREFIX) : -len(".lora_A.weight")]
+            if f"{PEFT_PREFIX}{name}.lora_B.weight" not in weights:
+                raise LorakitError(f"adapter {directory}: {name} has lora_A but no lora_B; the file is damaged")
+            modules.append(name)
+        elif not (key.startswith(PEFT_PREFIX) and key.endswith(".lora_B.weight")):
+            unknown.append(key)
+    if unknown:
+        raise LorakitError(
+            f"adapter {directory} holds weights lorakit cannot apply (e.g. {unknown[0]}); "
+            "only LoRA A/B matrices on linear layers are supported"
+        )
+    if not modules:
+        raise LorakitError(f"adapter {directory} holds no LoRA weights")
+    return modules
+
+
+def adapter_info(
+    directory: str | Path,
+    config: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> AdapterInfo:
+    directory = Path(directory)
+    config = config if config is not None else read_adapter_config(directory)
+    weights = weights if weights is not None else read_adapter_weights(directory)
+    meta: dict[str, Any] = {}
+    meta_path = directory / LORAKIT_META
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    file_bytes = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    return AdapterInfo(
+        path=directory,
+        base_model=config.get("base_model_name_or_path"),
+        r=int(config.get("r", 8)),
+        alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        use_rslora=bool(config.get("use_rslora", False)),
+        target_modules=config.get("target_modules") or [],
+        modules=_modules_in(weights, directory),
+        num_params=sum(t.numel() for t in weights.values()),
+        file_bytes=file_bytes,
+        meta=meta,
+    )

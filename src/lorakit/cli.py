@@ -1,0 +1,133 @@
+"""The `lorakit` command. Thin: each command parses its arguments and calls one library function.
+
+User mistakes raise LorakitError; `main()` prints them as `error: ...` lines and exits 2,
+without a traceback. Heavy imports (torch, transformers) happen inside the commands so
+`lorakit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lorakit.errors import LorakitError
+
+app = typer.Typer(
+    help="Fine-tune language models on the machine you have: LoRA, QLoRA, full fine-tuning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+adapter_app = typer.Typer(help="Inspect LoRA adapter directories.", no_args_is_help=True)
+config_app = typer.Typer(help="Check and print configs.", no_args_is_help=True)
+app.add_typer(adapter_app, name="adapter")
+app.add_typer(config_app, name="config")
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config value: --set section.key=value (repeatable)."),
+]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="Builtin alias, model directory, .gguf file or hub id.")],
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+) -> None:
+    """Architecture, parameter count, LoRA-targetable layers and weight memory of a model."""
+    from rich.table import Table
+
+    from lorakit.models import describe_model
+
+    mi = describe_model(model, trust_remote_code=trust_remote_code)
+    console = _console()
+    console.print(f"[bold]{mi.name}[/bold]  ({mi.source})")
+    console.print(f"architecture   {mi.architecture} (model_type {mi.model_type})")
+    console.print(f"parameters     {mi.num_params:,} ({mi.num_params / 1e6:.1f}M)")
+    console.print(f"layers         {mi.num_layers}, hidden size {mi.hidden_size}, vocabulary {mi.vocab_size}")
+    console.print(f"embeddings     {'tied to the output head' if mi.tied_embeddings else 'separate from the output head'}")
+    console.print(f"LoRA targets   {mi.target_summary}")
+    if mi.head_names:
+        console.print(f"output head    {', '.join(mi.head_names)} (not in all-linear)")
+    table = Table(title="weight memory", caption="int8 / nf4: linear layers quantized, the rest bf16")
+    table.add_column("format")
+    table.add_column("bytes", justify="right")
+    table.add_column("size", justify="right")
+    for fmt, nbytes in mi.weight_bytes.items():
+        table.add_row(fmt, f"{nbytes:,}", human_bytes(nbytes))
+    console.print(table)
+
+
+@adapter_app.command("info")
+def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-format LoRA adapter directory.")]) -> None:
+    """What an adapter holds: base model, rank, alpha, targets, parameters, file size."""
+    from lorakit.adapters import adapter_info
+
+    ai = adapter_info(directory)
+    console = _console()
+    console.print(f"[bold]{ai.path}[/bold]")
+    console.print(f"base model     {ai.base_model or 'unknown'}")
+    scaling = ai.alpha / (ai.r**0.5 if ai.use_rslora else ai.r)
+    console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
+    console.print(f"dropout        {ai.dropout:g}")
+    console.print(f"targets        {ai.target_modules}")
+    console.print(f"modules        {len(ai.modules)} adapted layers")
+    console.print(f"parameters     {ai.num_params:,}")
+    console.print(f"files          {human_bytes(ai.file_bytes)}")
+    for key, value in ai.meta.items():
+        if not isinstance(value, (dict, list)):
+            console.print(f"{key:<14} {value}")
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config; defaults when omitted.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Validate a config (reporting every problem) and print it fully resolved."""
+    import yaml
+
+    from lorakit.config import load_config, to_dict
+
+    cfg = load_config(config, set_)
+    typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="Where the demo writes its run.")] = Path("runs/demo"),
+) -> None:
+    """The main job: fine-tune a model with LoRA and show what changed."""
+    from lorakit.demo import run_demo
+
+    run_demo(output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become `error:` lines and exit code 2, never a traceback."""
+    try:
+        app(args=argv, prog_name="lorakit")
+    except LorakitError as err:
+        for line in str(err).splitlines() or [type(err).__name__]:
+            sys.stderr.write(f"error: {line}\n")
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

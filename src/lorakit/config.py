@@ -1,0 +1,315 @@
+"""Typed configuration: dataclasses are the single source of truth for YAML and CLI.
+
+A config is a tree of dataclasses. `load_config(path, overrides)` reads YAML, applies
+`--set section.key=value` overrides, checks every key against the dataclass fields
+(unknown keys get the closest valid name), checks types, then calls each section's
+`check()` for value ranges. All problems are collected and raised together in one
+`ConfigError`, one line per problem, each with its key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lorakit.errors import ConfigError
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    name: str = "smollm2-135m-instruct"
+    """Builtin alias, local Hugging Face directory, `.gguf` file, or hub id."""
+    dtype: Dtype = "auto"
+    """Weight dtype: auto = bf16 where the device computes it fast, else fp32."""
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.name.strip():
+            return [("name", "is empty; give a model name, directory, .gguf file or hub id")]
+        return []
+
+
+@dataclass
+class AdapterConfig:
+    """What to train: LoRA adapters on a frozen base, or all weights."""
+
+    method: Literal["lora", "full"] = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (exact or suffix), regexes (fullmatch), or "all-linear"."""
+    use_rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.r <= 0:
+            problems.append(("r", f"must be > 0, got {self.r}"))
+        if self.alpha <= 0:
+            problems.append(("alpha", f"must be > 0, got {self.alpha}"))
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if not self.target_modules:
+            problems.append(("target_modules", 'is empty; use "all-linear" or a list of module names'))
+        return problems
+
+
+@dataclass
+class Config:
+    """A whole run: model, adapter and where outputs go."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    output_dir: str = "runs/run"
+    seed: int = 0
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.output_dir.strip():
+            return [("output_dir", "is empty; give a directory for the run's outputs")]
+        return []
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when `path` is None) and validate it."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    problems: list[str] = []
+    for item in overrides or []:
+        try:
+            _apply_override(raw, item)
+        except ValueError as err:
+            problems.append(str(err))
+    cfg = from_dict(Config, raw, problems=problems)
+    if problems:
+        where = str(path) if path is not None else "config"
+        raise ConfigError([f"{where}: {p}" for p in problems])
+    return cfg
+
+
+def from_dict(cls: type, data: Any, prefix: str = "", problems: list[str] | None = None) -> Any:
+    """Build dataclass `cls` from plain data, appending every problem found to `problems`.
+
+    Raises ConfigError when `problems` is None and something is wrong.
+    """
+    own = problems is None
+    problems = [] if own else problems
+    obj = _build(cls, data, prefix, problems)
+    if own and problems:
+        raise ConfigError(problems)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from lorakit.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError([f"config file not found: {path}; check the path"])
+    if path.is_dir():
+        raise ConfigError([f"config path is a directory: {path}; give a YAML file"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"config file {path} is not UTF-8 text; save it as UTF-8 YAML"]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError([f"config file {path}{line}: {reason}; fix the YAML syntax"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"config file {path}: top level must be a mapping of sections, got {type(data).__name__}"]
+        )
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as a YAML scalar or list."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--set {item!r}: expected section.key=value, e.g. --set adapter.r=8")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+# ----------------------------------------------------------------------------- checking
+
+_NONE = type(None)
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_kind(data)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = _closest_key(str(key), list(fields))
+            hint = f"; did you mean {prefix}{close}?" if close else f"; valid keys: {', '.join(fields)}"
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        ok, converted, why = _convert(hints[key], value, path, problems)
+        if ok:
+            values[key] = converted
+        elif why:
+            problems.append(f"{path}: {why}")
+    obj = cls(**values)
+    check = getattr(obj, "check", None)
+    if check is not None:  # range checks; a field with a type problem kept its default
+        for key, why in check():
+            problems.append(f"{prefix}{key}: {why}")
+    return obj
+
+
+# Names users bring from PEFT, TRL and other tools.
+_KEY_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                "target_modules": "target_modules", "model_name_or_path": "name", "model_name": "name"}
+
+
+def _closest_key(key: str, valid: list[str]) -> str | None:
+    alias = _KEY_ALIASES.get(key.lower())
+    if alias in valid:
+        return alias
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> tuple[bool, Any, str]:
+    """Return (ok, value, reason). Nested dataclass problems go straight into `problems`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        before = len(problems)
+        obj = _build(tp, value, path + ".", problems)
+        return len(problems) == before, obj, ""
+    if origin in (Union, types.UnionType):
+        if value is None and _NONE in args:
+            return True, None, ""
+        reasons = []
+        for arg in args:
+            if arg is _NONE:
+                continue
+            ok, converted, why = _convert(arg, value, path, problems)
+            if ok:
+                return True, converted, ""
+            reasons.append(why)
+        return False, None, reasons[0] if len(reasons) == 1 else f"expected {_type_name(tp)}, got {_kind(value)}"
+    if origin is Literal:
+        if value in args:
+            return True, value, ""
+        choices = ", ".join(repr(a) for a in args)
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return False, None, f"must be one of {choices}, got {value!r}{hint}"
+    if origin is list:
+        (item_tp,) = args or (Any,)
+        if isinstance(value, str) and item_tp is str:
+            return True, [value], ""  # a single name is a one-item list
+        if not isinstance(value, list):
+            return False, None, f"expected a list, got {_kind(value)}"
+        out = []
+        for i, item in enumerate(value):
+            ok, converted, why = _convert(item_tp, item, f"{path}[{i}]", problems)
+            if not ok:
+                return False, None, f"item {i}: {why}"
+            out.append(converted)
+        return True, out, ""
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, None, f"expected a mapping, got {_kind(value)}"
+        return True, dict(value), ""
+    if tp is Any:
+        return True, value, ""
+    if tp is bool:
+        if isinstance(value, bool):
+            return True, value, ""
+        return False, None, f"expected true or false, got {_kind(value)}"
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value, ""
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value), ""
+        return False, None, f"expected an integer, got {_kind(value)}"
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value), ""
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return True, float(value), ""
+            except ValueError:
+                pass
+        return False, None, f"expected a number, got {_kind(value)}"
+    if tp is str:
+        if isinstance(value, str):
+            return True, value, ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value), ""
+        return False, None, f"expected a string, got {_kind(value)}"
+    raise TypeError(f"config field {path} has an unsupported type {tp!r}")  # a bug, not user input
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not _NONE]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args)

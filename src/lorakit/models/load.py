@@ -1,0 +1,233 @@
+"""Load a base model and its tokenizer from any ModelSource.
+
+GGUF files are dequantized by transformers' GGUF loader, which takes ~20 s for a 135M
+model and leaves a model that cannot `save_pretrained`. We convert each GGUF once into a
+plain safetensors model directory in the cache (~0.3 s to load afterwards), keyed by the
+file's path, size and mtime, and load from there. The conversion is atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.io import atomic_dir
+from lorakit.models.resolve import ModelSource, resolve_model
+
+CACHE_VERSION = 1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    source: ModelSource
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LORAKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lorakit"
+
+
+def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """"auto" is bf16 on a CUDA device that supports it, fp32 elsewhere."""
+    if dtype == "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise LorakitError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick DNS + TCP check, so an offline machine fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(source: ModelSource, revision: str | None) -> dict[str, Any]:
+    """Extra from_pretrained arguments for hub ids: a revision, and cache-only when offline."""
+    if source.kind != "hub":
+        return {}
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        kwargs["local_files_only"] = True  # a model already in the HF cache still loads
+    return kwargs
+
+
+def model_directory(source: ModelSource) -> str:
+    """A directory (or hub id) transformers can load with plain from_pretrained."""
+    if source.is_gguf:
+        return str(gguf_cache_dir(Path(source.path)))
+    return source.path
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """The converted model directory for a GGUF file, built on first use."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{CACHE_VERSION}|{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    target = cache_root() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return target
+    try:
+        with atomic_dir(target, overwrite=True) as tmp:
+            _convert_gguf(gguf_path, tmp)
+    except OSError as err:
+        raise LorakitError(
+            f"cannot write the converted model to {target} ({err.strerror}); "
+            "set LORAKIT_CACHE to a writable directory"
+        ) from None
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sys
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    sys.stderr.write(f"converting {gguf_path.name} to a safetensors model in the cache (once; later loads take a second)\n")
+    try:
+        with _quiet_transformers():
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, OSError, KeyError, RuntimeError) as err:
+        raise LorakitError(f"cannot load GGUF file {gguf_path}: {_first_line(err)}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized now
+    # A GGUF-loaded model refuses save_pretrained; a fresh model from the config does not.
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "lorakit_source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
+
+
+def load_model(
+    name: str,
+    dtype: str = "auto",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load base model (+ tokenizer) in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(name)
+    where = model_directory(source)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kwargs.update(_hub_kwargs(source, revision))
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types; all mean "can't load"
+        raise _load_error(source, err) from None
+    model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(source, trust_remote_code, revision) if with_tokenizer else None
+    return LoadedModel(model, tokenizer, source)
+
+
+def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    if isinstance(source, str):
+        source = resolve_model(source)
+    where = model_directory(source)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs.update(_hub_kwargs(source, revision))
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise LorakitError(f"cannot load the tokenizer of {source.name}: {_first_line(err)}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out by lorakit
+    return tokenizer
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> tuple[Any, ModelSource]:
+    """The model's transformers config without loading weights."""
+    from transformers import AutoConfig
+
+    source = resolve_model(name)
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(
+                model_directory(source), trust_remote_code=trust_remote_code, **_hub_kwargs(source, None)
+            )
+    except Exception as err:  # noqa: BLE001
+        raise _load_error(source, err) from None
+    return config, source
+
+
+def _load_error(source: ModelSource, err: Exception) -> LorakitError:
+    text = str(err)
+    if "trust_remote_code" in text:
+        return LorakitError(
+            f"model {source.name} needs its own Python code to load; if you trust it, set "
+            "model.trust_remote_code: true (or pass --trust-remote-code)"
+        )
+    if source.kind == "hub":
+        offline = "" if hub_reachable() else "the hub is unreachable from this machine and it is not in the local cache"
+        return LorakitError(
+            f"cannot load {source.name} from the Hugging Face hub ({offline or _first_line(err)}); "
+            "check the id and your internet connection, or give a local directory, a .gguf file "
+            "or the builtin alias smollm2-135m-instruct"
+        )
+    return LorakitError(f"cannot load model {source.name}: {_first_line(err)}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+class _quiet_transformers:
+    """Silence transformers' progress bars and advisory warnings while loading."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore")
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._warn.__exit__(*exc)
+        hf_logging.set_verbosity(self._level)
+        hf_logging.enable_progress_bar()
