@@ -59,3 +59,71 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         [sys.executable, "-m", "lorakit", *args],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
     )
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_TOKENIZER_CACHE: dict[str, object] = {}
+
+
+def tiny_tokenizer():
+    """A byte-level BPE fast tokenizer (~330 tokens) with ChatML specials and template.
+
+    Built from a small corpus with `tokenizers`, nothing downloaded. EOS is <|im_end|>.
+    """
+    if "tok" in _TOKENIZER_CACHE:
+        return _TOKENIZER_CACHE["tok"]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["the quick brown fox jumps over the lazy dog", "what is the capital of france? paris.",
+              "user assistant system question answer instruction input output", "hello world, how are you?"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    _TOKENIZER_CACHE["tok"] = fast
+    return fast
+
+
+def tiny_lm_for(tokenizer, arch: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM whose vocabulary fits `tokenizer`."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id)
+    if arch == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common)).eval()
+    if arch == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)).eval()
+    raise ValueError(arch)
+
+
+def save_tiny_model_dir(path: Path, arch: str = "llama") -> Path:
+    """A tiny model + tokenizer saved as a Hugging Face directory that `lorakit` can load."""
+    tok = tiny_tokenizer()
+    tiny_lm_for(tok, arch).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_chat_model_dir(tmp_path: Path) -> Path:
+    return save_tiny_model_dir(tmp_path / "tiny-chat-llama")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -68,12 +69,103 @@ class AdapterConfig:
         return problems
 
 
+DataFormat = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"]
+Template = Literal["auto", "tokenizer", "chatml", "llama2", "alpaca"]
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token sequences."""
+
+    train: str | None = None
+    """JSONL / JSON / CSV / Parquet file, or a directory saved with `datasets`."""
+    eval: str | None = None
+    """Evaluation file; when absent, `eval_ratio` of train is held out (seeded)."""
+    test: str | None = None
+    format: DataFormat = "auto"
+    template: Template = "auto"
+    """auto = the tokenizer's own chat template when it has one, else chatml."""
+    system_prompt: str | None = None
+    max_length: int = 512
+    packing: bool = True
+    eval_ratio: float = 0.1
+    test_ratio: float = 0.0
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.max_length < 8:
+            problems.append(("max_length", f"must be >= 8, got {self.max_length}"))
+        for key in ("eval_ratio", "test_ratio"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                problems.append((key, f"must be in [0, 1), got {value}"))
+        if self.eval_ratio + self.test_ratio >= 1.0:
+            problems.append(("eval_ratio", "eval_ratio + test_ratio must be < 1 so some data is left to train on"))
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: steps, batch, learning rate, precision, logging and checkpoints."""
+
+    epochs: float = 1.0
+    max_steps: int = 0
+    """Optimizer steps; 0 = derived from epochs."""
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0
+    """When > 0, overrides warmup_ratio."""
+    max_grad_norm: float = 1.0
+    """0 disables clipping."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 autocast where the device supports it fast, else fp32."""
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"
+    log_every: int = 10
+    eval_every: int = 0
+    """Evaluate every N optimizer steps; 0 = only at the end."""
+    eval_max_batches: int = 0
+    """Cap on eval batches per evaluation; 0 = the whole eval set."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every,
+                    "keep_checkpoints": self.keep_checkpoints}
+        problems += [(k, f"must be >= 1, got {v}") for k, v in positive.items() if v < 1]
+        non_negative = {"max_steps": self.max_steps, "eval_every": self.eval_every, "save_every": self.save_every,
+                        "warmup_steps": self.warmup_steps, "eval_max_batches": self.eval_max_batches,
+                        "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm}
+        problems += [(k, f"must be >= 0, got {v}") for k, v in non_negative.items() if v < 0]
+        if self.lr <= 0:
+            problems.append(("lr", f"must be > 0, got {self.lr}"))
+        if self.epochs <= 0 and self.max_steps == 0:
+            problems.append(("epochs", f"must be > 0 (or set max_steps), got {self.epochs}"))
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            problems.append(("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}"))
+        return problems
+
+
 @dataclass
 class Config:
-    """A whole run: model, adapter and where outputs go."""
+    """A whole run: model, adapter, data, training and where outputs go."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/run"
     seed: int = 0
 
@@ -277,7 +369,7 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> tuple[bool,
             return True, int(value), ""
         return False, None, f"expected an integer, got {_kind(value)}"
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return True, float(value), ""
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
