@@ -103,7 +103,10 @@ def tiny_lm_for(tokenizer, arch: str = "llama", seed: int = 0) -> torch.nn.Modul
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                  bos_token_id=tokenizer.bos_token_id)
+                  bos_token_id=tokenizer.bos_token_id,
+                  # std 0.2, not 0.02: a frozen 64-wide head with std 0.02 caps logits near 1.3,
+                  # so LoRA could not fit anything and "loss falls" tests would prove nothing.
+                  initializer_range=0.2)
     if arch == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(**common)).eval()
     if arch == "qwen2":

@@ -22,9 +22,11 @@ app = typer.Typer(
     add_completion=False,
 )
 adapter_app = typer.Typer(help="Inspect LoRA adapter directories.", no_args_is_help=True)
+data_app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
 config_app = typer.Typer(help="Check and print configs.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -108,6 +110,37 @@ def config_show(
 
     cfg = load_config(config, set_)
     typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config of the run.")],
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Fine-tune: writes config.yaml, metrics.jsonl, checkpoints/, adapter/ and eval.json to output_dir."""
+    from lorakit.config import load_config
+    from lorakit.train.loop import train as run_training
+
+    run_training(load_config(config, set_), resume=resume)
+
+
+@data_app.command("check")
+def data_check(
+    config: Annotated[Path, typer.Argument(help="YAML config whose data section to check.")],
+    set_: SetOption = None,
+    examples: Annotated[int, typer.Option(help="How many rendered examples to show.")] = 3,
+) -> None:
+    """Render examples with the trained tokens highlighted and report counts and problems."""
+    from lorakit.config import load_config
+    from lorakit.data.check import check_data
+    from lorakit.models import load_tokenizer
+
+    cfg = load_config(config, set_)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
+    stats = check_data(cfg.data, tokenizer, cfg.seed, _console(), num_examples=examples)
+    if getattr(stats, "errors", 0):
+        raise LorakitError(f"{stats.errors} problem(s) in the data; see the report above")
 
 
 @app.command()

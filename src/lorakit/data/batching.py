@@ -1,0 +1,82 @@
+"""Turn examples or packed sequences into padded tensor batches, in a seeded order.
+
+The order depends only on (seed, epoch), so a run resumed at (epoch, batch index) sees
+exactly the batches it would have seen. Every batch has `input_ids`, `labels` (-100 at
+padding and untrained tokens, aligned with input_ids, not shifted) and `position_ids`,
+each (B, T).
+
+Padding differs by kind:
+- Plain examples get an `attention_mask` (B, T) and are length-grouped: sorted by length
+  within shuffled mega-chunks of 50 batches, then the batch order is shuffled, so rows in
+  a batch have similar lengths and little padding while the order stays random.
+- Packed sequences get no `attention_mask`: transformers only detects packing from
+  `position_ids` when the mask is None. Right padding is made its own sequence by giving
+  it positions 0, 1, 2, ..., which the model reads as a new segment: real tokens never
+  attend to it (it comes after them and is another segment), every padding row attends
+  at least to itself (no all-masked rows, no NaN), and its labels are -100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lorakit.data.packing import PackedSequence
+from lorakit.data.tokenize import IGNORE, TokenizedExample
+
+MEGA_CHUNK = 50  # batches per length-grouping chunk
+
+Item = TokenizedExample | PackedSequence
+
+
+def make_batches(items: Sequence[Item], batch_size: int, pad_id: int, seed: int, epoch: int,
+                 shuffle: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Batches of `batch_size` items (the last may be smaller); shuffle=False keeps the given order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not items:
+        return []
+    rng = np.random.default_rng([seed, epoch]) if shuffle else None
+    packed = isinstance(items[0], PackedSequence)
+    if packed:
+        order = rng.permutation(len(items)) if rng is not None else np.arange(len(items))
+        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    else:
+        groups = _length_groups(np.array([len(x.input_ids) for x in items]), batch_size, rng)
+    return [_collate([items[i] for i in g.tolist()], pad_id, packed) for g in groups]
+
+
+def _length_groups(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    if rng is None:
+        order = np.arange(len(lengths))
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    order = rng.permutation(len(lengths))
+    chunk = MEGA_CHUNK * batch_size
+    groups = []
+    for c in range(0, len(order), chunk):
+        part = order[c : c + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        groups += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [groups[i] for i in rng.permutation(len(groups)).tolist()]
+
+
+def _collate(rows: list[Item], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (B, T)
+    position_ids = torch.arange(width, dtype=torch.long).repeat(len(rows), 1)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        n = len(r.input_ids)
+        input_ids[b, :n] = torch.tensor(r.input_ids, dtype=torch.long)
+        labels[b, :n] = torch.tensor(r.labels, dtype=torch.long)
+        mask[b, :n] = 1
+        if packed:
+            position_ids[b, :n] = torch.tensor(r.position_ids, dtype=torch.long)
+            position_ids[b, n:] = torch.arange(width - n)  # padding: a segment of its own
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if not packed:
+        batch["attention_mask"] = mask
+    return batch

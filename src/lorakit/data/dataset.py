@@ -1,0 +1,143 @@
+"""From `DataConfig` to tokenized train / eval / test sets: load -> detect -> render -> tokenize.
+
+Everything a user can get wrong in a data file surfaces here as a `DataError` naming the
+file and row, before any model is trained. `build_datasets` is strict (an example whose
+loss mask is empty after truncation would silently train nothing, so it is an error);
+`collect` is the lenient version behind `lorakit data check`, which counts problems so
+they can all be shown at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lorakit.config import DataConfig
+from lorakit.data.formats import detect_format, load_records, record_meta, to_example
+from lorakit.data.packing import pack_examples, real_token_fraction
+from lorakit.data.templates import render, resolve_template
+from lorakit.data.tokenize import TokenizedExample, tokenize_examples
+from lorakit.errors import DataError, LorakitError
+
+SPLITS = ("train", "eval", "test")
+MAX_PROBLEMS = 20  # problem lines kept for the report
+
+
+@dataclass
+class DataStats:
+    """Counts over all splits; `errors` > 0 means the data should not be trained on."""
+
+    examples: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    trained_tokens: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    empty_mask: int = 0
+    missing_eos: int = 0
+    lengths: list[int] = field(default_factory=list)
+    """Token length of every example before truncation, all splits."""
+    max_length: int = 0
+    real_token_fraction: float | None = None
+    """Fill of the packed train rows (when packing is on)."""
+    problems: list[str] = field(default_factory=list)
+    """The first few error lines, each naming a file and row."""
+
+    @property
+    def errors(self) -> int:
+        return self.empty_mask
+
+
+@dataclass
+class DataBundle:
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    test: list[TokenizedExample]
+    stats: DataStats
+
+
+def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> DataBundle:
+    """Tokenized splits ready for `pack_examples` / `make_batches`; raises DataError on bad data."""
+    return collect(cfg, tokenizer, seed, strict=True)
+
+
+def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBundle:
+    """`build_datasets`; with strict=False, empty loss masks are counted and dropped, not raised."""
+    if not cfg.train:
+        raise DataError("data.train is not set; give a JSONL/JSON/CSV/Parquet file")
+    stats = DataStats(max_length=cfg.max_length)
+    loaded = {name: load_file(getattr(cfg, name), cfg, tokenizer, stats, strict)
+              for name in SPLITS if getattr(cfg, name)}
+    train = loaded["train"]
+    held_out = {"eval": cfg.eval_ratio if "eval" not in loaded else 0.0,
+                "test": cfg.test_ratio if "test" not in loaded else 0.0}
+    parts = split_indices(len(train), held_out["eval"], held_out["test"], seed)
+    splits = {name: loaded[name] if name in loaded and name != "train" else [train[i] for i in parts[name]]
+              for name in SPLITS}
+    if strict and not splits["train"]:
+        raise DataError(f"{cfg.train}: no training examples left after holding out eval/test; "
+                        "add rows or lower data.eval_ratio / data.test_ratio")
+    for name, examples in splits.items():
+        stats.examples[name] = len(examples)
+        stats.tokens[name] = sum(len(x.input_ids) for x in examples)
+        stats.trained_tokens[name] = sum(x.num_trained for x in examples)
+    if cfg.packing:
+        stats.real_token_fraction = real_token_fraction(pack_examples(splits["train"], cfg.max_length, seed),
+                                                        cfg.max_length)
+    return DataBundle(splits["train"], splits["eval"], splits["test"], stats)
+
+
+def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, strict: bool) -> list[TokenizedExample]:
+    """One file's examples, tokenized; its problems are added to `stats`."""
+    records = load_records(path)
+    fmt = detect_format(records, path) if cfg.format == "auto" else cfg.format
+    template = resolve_template(cfg.template, tokenizer)
+    examples, rendered = [], []
+    for row, record in enumerate(records, 1):
+        example = to_example(record, fmt, row, path)
+        try:
+            rendered.append(render(example, template, tokenizer, cfg.system_prompt))
+        except LorakitError as err:
+            raise DataError(f"{path} row {row}: {err}") from None
+        examples.append(example)
+    tokenized = tokenize_examples(rendered, tokenizer, cfg.max_length)
+    kept = []
+    for row, (example, tok) in enumerate(zip(examples, tokenized), 1):
+        tok.row, tok.source = row, str(path)
+        if isinstance(example, str):
+            tok.text, tok.meta = example, record_meta(records[row - 1], fmt)
+        else:
+            tok.messages, tok.meta = example.messages, example.meta
+        stats.lengths.append(len(tok.input_ids) + tok.cut)
+        stats.truncated += tok.truncated
+        stats.missing_eos += tok.missing_eos > 0
+        if tok.num_trained == 0:
+            problem = empty_mask_message(tok, cfg.max_length)
+            if strict:
+                raise DataError(problem)
+            stats.empty_mask += 1
+            if len(stats.problems) < MAX_PROBLEMS:
+                stats.problems.append(problem)
+            continue
+        kept.append(tok)
+    return kept
+
+
+def empty_mask_message(tok: TokenizedExample, max_length: int) -> str:
+    where = f"{tok.source} row {tok.row}"
+    if tok.truncated:
+        return (f"{where}: no trained tokens left after truncation to max_length={max_length} (the example has "
+                f"{len(tok.input_ids) + tok.cut} tokens and its answer starts past the limit); "
+                "raise data.max_length or shorten the row")
+    return f"{where}: no trained tokens (the answer renders to nothing trainable); check the row's answer"
+
+
+def split_indices(n: int, eval_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
+    """Seeded train / eval / test index lists, each in file order."""
+    def count(ratio: float) -> int:
+        return 0 if ratio <= 0 or n < 2 else max(1, round(n * ratio))
+
+    perm = np.random.default_rng(seed).permutation(n)
+    n_eval, n_test = count(eval_ratio), count(test_ratio)
+    return {"eval": sorted(perm[:n_eval].tolist()), "test": sorted(perm[n_eval : n_eval + n_test].tolist()),
+            "train": sorted(perm[n_eval + n_test :].tolist())}

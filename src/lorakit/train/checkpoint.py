@@ -1,0 +1,133 @@
+"""Resumable checkpoints: safetensors and JSON only, written atomically.
+
+    checkpoints/step-N/
+      trainable.safetensors   every trainable parameter, by name (the resume source of truth)
+      adapter/                the LoRA adapter in PEFT's format (usable on its own)
+      optimizer.safetensors   optimizer state tensors, keyed state.<param index>.<name>
+      optimizer.json          optimizer param groups (hyper-parameters)
+      rng.safetensors         torch CPU (and CUDA) generator states
+      trainer_state.json      step, data position, best eval loss, Python RNG state, ...
+
+Nothing is unpickled on load. A directory appears only when complete (temp dir + rename),
+so a SIGKILL during a save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.adapters.inject import lora_layers
+from lorakit.adapters.state import save_adapter
+from lorakit.errors import LorakitError
+from lorakit.io import atomic_dir, atomic_write_text
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], Any]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return tensors, random.getstate()
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], py_state: Any) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = py_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+    adapter_meta: dict[str, Any] | None = None,
+    base_model: str | None = None,
+) -> Path:
+    target = Path(run_dir) / "checkpoints" / f"step-{step}"
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    rng_tensors, py_rng = rng_state()
+    with atomic_dir(target, overwrite=True) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_text(tmp / "optimizer.json", json.dumps(opt_meta) + "\n")
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        state = dict(trainer_state, step=step, python_rng=py_rng)
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
+        if any(True for _ in lora_layers(model)):
+            save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model, meta=adapter_meta)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore trainable weights, optimizer and RNG from `path`; return the trainer state."""
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        opt_meta = json.loads((path / "optimizer.json").read_text())
+        rng = load_file(str(path / "rng.safetensors"))
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise LorakitError(f"checkpoint {path} is damaged ({err}); delete it to resume from an earlier one") from None
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or any(n not in params for n in weights):
+        raise LorakitError(
+            f"checkpoint {path} does not fit this model/adapter config (e.g. {(missing or list(weights))[0]}); "
+            "resume with the config the run was started with"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    restore_optimizer(optimizer, opt_tensors, opt_meta)
+    restore_rng(rng, state.pop("python_rng"))
+    return state

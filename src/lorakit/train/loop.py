@@ -1,0 +1,386 @@
+"""The training loop, in plain PyTorch (no HF Trainer, no TRL).
+
+train() = set up (model, adapters, data, optimizer, resume) -> for each optimizer step:
+train_step() over grad_accum micro-batches -> log / evaluate() / save_checkpoint() ->
+final adapter, eval.json. Everything the user sees comes from rank 0 (train.distributed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit import __version__
+from lorakit.adapters.inject import lora_layers, parameter_summary
+from lorakit.adapters.setup import prepare_model
+from lorakit.adapters.state import save_adapter
+from lorakit.config import Config, dump_config
+from lorakit.errors import LorakitError
+from lorakit.io import atomic_write_text
+from lorakit.models.load import load_model
+from lorakit.train import distributed as dist
+from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.log import MetricsLog, progress_bar
+from lorakit.train.loss import IGNORE, LossFn, check_fast_loss, fast_loss_sum, full_loss_sum
+from lorakit.train.optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this process
+    eval_loss: float | None = None
+    tokens: int = 0
+    trained_tokens: int = 0
+    elapsed: float = 0.0
+    peak_rss_mb: float | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LorakitError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LorakitError(f"train.device is {name} but no CUDA GPU is available; use train.device: cpu")
+    return device
+
+
+def cpu_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = cpu_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise LorakitError(f"train.precision bf16 is not supported on this {device.type}; use fp32 or auto")
+    return torch.bfloat16 if supported else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class BatchStream:
+    """Micro-batches in a seeded order, epoch after epoch; (epoch, index) is the resume point."""
+
+    def __init__(self, items: list, batch_size: int, pad_id: int, seed: int, epoch: int = 0, index: int = 0) -> None:
+        from lorakit.data import make_batches
+
+        self._make = lambda ep: dist.shard(make_batches(items, batch_size, pad_id, seed, ep, shuffle=True))
+        self.epoch, self.index = epoch, index
+        self._batches = self._make(epoch)
+        if not self._batches:
+            raise LorakitError("the training set makes no batches; add data or lower train.batch_size")
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.index >= len(self._batches):
+            self.epoch += 1
+            self.index = 0
+            self._batches = self._make(self.epoch)
+        batch = self._batches[self.index]
+        self.index += 1
+        return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def trained_count(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def real_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batches: list[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float,
+    amp: Any,
+    step: int,
+) -> tuple[float, float]:
+    """One optimizer step over the micro-batches; the loss is the mean over all trained tokens."""
+    total = sum(trained_count(b) for b in micro_batches)
+    if total == 0:
+        raise LorakitError(f"step {step}: no trained tokens in the batch; check the data's loss masks (lorakit data check)")
+    loss_sum = 0.0
+    for batch in micro_batches:
+        with amp():
+            part, _ = loss_fn(model, batch)
+        (part / total).backward()
+        loss_sum += float(part.detach())
+    loss = loss_sum / total
+    if not math.isfinite(loss):
+        raise LorakitError(
+            f"loss became {loss} at step {step}; likely causes: learning rate too high (train.lr), fp16 overflow, "
+            "or broken data. The last good checkpoint is kept; lower train.lr and resume"
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: LossFn, batches: list[dict[str, torch.Tensor]], amp: Any) -> float | None:
+    """Mean loss over every trained token of the eval batches (None when there are none)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with amp():
+            part, n = loss_fn(model, batch)
+        total += float(part)
+        count += n
+    model.train(was_training)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def packing_works(model: nn.Module, device: torch.device) -> bool:
+    """Two sequences packed with reset position_ids give the same logits as run alone."""
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, vocab, (5,), generator=g), torch.randint(0, vocab, (7,), generator=g)
+    packed = torch.cat([a, b])[None].to(device)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        together = model(input_ids=packed, position_ids=pos, use_cache=False).logits.float()
+        alone = torch.cat(
+            [model(input_ids=x[None].to(device), use_cache=False).logits.float() for x in (a, b)], dim=1
+        )
+    finally:
+        model.train(was_training)
+    return bool((together - alone).abs().max() < 1e-2 * max(1.0, float(alone.abs().max())))
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    holds_run = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
+    if holds_run and not resume:
+        raise LorakitError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose another directory "
+            f"with --set output_dir=..."
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LorakitError(f"output_dir {run_dir} is a file; choose a directory")
+
+
+def _compile_layers(model: nn.Module) -> int:
+    """torch.compile each decoder block (the largest ModuleList): one graph, reused by every block."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return 0
+    blocks = max(lists, key=len)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except (ImportError, OSError):
+        return None
+
+
+def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = False) -> TrainResult:
+    """Run the training described by `cfg`; writes the run directory under cfg.output_dir."""
+    from rich.console import Console
+
+    from lorakit.data import build_datasets, pack_examples
+
+    console = console or Console(quiet=quiet or not dist.is_main())
+    run_dir = Path(cfg.output_dir)
+    _check_run_dir(run_dir, resume)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    amp_dtype = autocast_dtype(tc.precision, device)
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    seed_everything(cfg.seed)
+
+    loaded = load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code, cfg.model.revision)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    adapted = prepare_model(model, cfg.adapter)
+    console.print(f"model {cfg.model.name}: {parameter_summary(model)}")
+    if cfg.data.packing and not packing_works(model, device):
+        raise LorakitError(
+            f"{type(model).__name__} does not isolate packed sequences by position_ids; set data.packing: false"
+        )
+    train_items = pack_examples(data.train, cfg.data.max_length, cfg.seed) if cfg.data.packing else data.train
+    eval_items = pack_examples(data.eval, cfg.data.max_length, cfg.seed) if cfg.data.packing else data.eval
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    from lorakit.data import make_batches
+
+    eval_batches = [to_device(b, device) for b in make_batches(eval_items, tc.batch_size, pad_id, cfg.seed, 0, shuffle=False)]
+    if tc.eval_max_batches:
+        eval_batches = eval_batches[: tc.eval_max_batches]
+
+    stream = BatchStream(train_items, tc.batch_size, pad_id, cfg.seed)
+    steps_per_epoch = max(1, math.ceil(len(stream) / tc.grad_accum))
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    probe = to_device(make_batches(train_items[:2], 2, pad_id, cfg.seed, 0, shuffle=False)[0], device)
+    loss_fn: LossFn = fast_loss_sum if check_fast_loss(model, probe) else full_loss_sum
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.compile:
+        _compile_layers(model)
+    model.train()
+    optimizer = build_optimizer(model, tc, device)
+
+    step, best_eval, tokens, trained_tokens, elapsed_before = 0, math.inf, 0, 0, 0.0
+    checkpoints = list_checkpoints(run_dir) if resume else []
+    if checkpoints:
+        ckpt_step, ckpt_path = checkpoints[-1]
+        state = load_checkpoint(ckpt_path, model, optimizer)
+        step, best_eval = state["step"], state.get("best_eval_loss", math.inf)
+        tokens, trained_tokens = state.get("tokens", 0), state.get("trained_tokens", 0)
+        elapsed_before = state.get("elapsed", 0.0)
+        stream = BatchStream(train_items, tc.batch_size, pad_id, cfg.seed, state["epoch"], state["batch_index"])
+        console.print(f"resumed from {ckpt_path} (step {step})")
+    elif resume:
+        console.print(f"no checkpoint in {run_dir} yet; starting from step 0")
+
+    meta = {
+        "lorakit_version": __version__, "base_model": cfg.model.name, "method": cfg.adapter.method,
+        "template": cfg.data.template, "system_prompt": cfg.data.system_prompt, "max_length": cfg.data.max_length,
+    }
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    log = MetricsLog(run_dir, tc.tensorboard, resume_step=step if resume else None) if dist.is_main() else None
+    if log and step == 0:
+        log.write("start", step=0, total_steps=total_steps, examples=len(data.train), eval_examples=len(data.eval),
+                  sequences=len(train_items), trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  adapted_modules=len(adapted), device=str(device), precision=str(amp_dtype or "fp32"),
+                  real_token_fraction=data.stats.real_token_fraction if hasattr(data.stats, "real_token_fraction") else None)
+
+    result = TrainResult(run_dir=run_dir, steps=total_steps)
+    start = time.perf_counter()
+    window: list[float] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    with progress_bar(console, disable=quiet or not dist.is_main()) as bar:
+        task = bar.add_task("train", total=total_steps, completed=step, loss="-", lr="-", tps="-")
+        while step < total_steps:
+            lr = lr_at(step, total_steps, tc)
+            set_lr(optimizer, lr)
+            micro = [to_device(stream.next(), device) for _ in range(tc.grad_accum)]
+            loss, grad_norm = train_step(model, loss_fn, micro, optimizer, tc.max_grad_norm, amp, step + 1)
+            step += 1
+            step_tokens = sum(real_count(b) for b in micro)
+            step_trained = sum(trained_count(b) for b in micro)
+            tokens += step_tokens
+            trained_tokens += step_trained
+            window_tokens += step_tokens
+            window.append(loss)
+            result.losses.append(loss)
+            elapsed = elapsed_before + time.perf_counter() - start
+            if step % tc.log_every == 0 or step == total_steps:
+                tps = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                mean = sum(window) / len(window)
+                if log:
+                    log.write("train", step=step, epoch=round(stream.epoch + stream.index / max(1, len(stream)), 4),
+                              loss=mean, lr=lr, grad_norm=grad_norm, tokens=tokens, trained_tokens=trained_tokens,
+                              tokens_per_s=round(tps, 2), elapsed=round(elapsed, 3))
+                bar.update(task, loss=f"{mean:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+                window, window_tokens, window_start = [], 0, time.perf_counter()
+            bar.update(task, completed=step)
+            if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
+                best_eval, _ = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
+            if tc.save_every and step % tc.save_every == 0 and step < total_steps and dist.is_main():
+                state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
+                         "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": elapsed}
+                save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
+
+    best_eval, final_eval = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
+    result.eval_loss, result.tokens, result.trained_tokens = final_eval, tokens, trained_tokens
+    result.elapsed = elapsed_before + time.perf_counter() - start
+    result.peak_rss_mb = peak_rss_mb()
+    if dist.is_main():
+        _save_final(model, tokenizer, run_dir, meta, cfg)
+        summary = {
+            "step": step, "eval_loss": final_eval, "eval_ppl": math.exp(final_eval) if final_eval is not None else None,
+            "best_eval_loss": best_eval if math.isfinite(best_eval) else None,
+            "train_loss_last": result.losses[-1] if result.losses else None, "tokens": tokens,
+            "trained_tokens": trained_tokens, "elapsed_s": round(result.elapsed, 2),
+            "trained_tokens_per_s": round(trained_tokens / max(result.elapsed, 1e-9), 2), "peak_rss_mb": result.peak_rss_mb,
+        }
+        atomic_write_text(run_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+        state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
+                 "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": result.elapsed}
+        save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
+        if log:
+            log.write("end", **summary)
+            log.close()
+        if final_eval is not None:
+            console.print(f"eval loss {final_eval:.4f}, perplexity {math.exp(final_eval):.2f}")
+        console.print(f"wrote {run_dir} ({step} steps, {trained_tokens:,} trained tokens, {result.elapsed:.1f} s)")
+    return result
+
+
+def _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg):
+    """Evaluate; log eval loss and perplexity; keep the best adapter in adapter-best/.
+
+    Returns (best eval loss so far, this evaluation's loss or None).
+    """
+    loss = evaluate(model, loss_fn, eval_batches, amp) if eval_batches else None
+    if loss is None:
+        return best_eval, None
+    if log:
+        log.write("eval", step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
+    if loss < best_eval:
+        best_eval = loss
+        if dist.is_main() and any(True for _ in lora_layers(model)):
+            save_adapter(model, run_dir / "adapter-best", cfg.model.name, dict(meta, step=step, eval_loss=loss))
+    return best_eval, loss
+
+
+def _save_final(model: nn.Module, tokenizer: Any, run_dir: Path, meta: dict, cfg: Config) -> None:
+    if any(True for _ in lora_layers(model)):
+        save_adapter(model, run_dir / "adapter", cfg.model.name, meta)
+        return
+    from lorakit.io import atomic_dir
+
+    with atomic_dir(run_dir / "model", overwrite=True) as tmp:  # full fine-tuning: a whole HF model
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -1,0 +1,103 @@
+"""Causal-LM loss on trained tokens only, without full-vocabulary logits.
+
+`model(input_ids).logits` materializes (B, T, V) logits: for SmolLM2 (V = 49,152) at 4 x 512
+tokens that is 400 MB in fp32, plus as much again for its gradient, though only the answer
+tokens carry loss. We run the decoder, keep the hidden states at positions whose *next*
+token is trained, and apply the output head to those rows in chunks, each under activation
+checkpointing, so at most one (chunk, V) block of logits exists at a time.
+
+Models whose head is not a plain `lm_head(hidden)` (logit soft-capping, scaling) would get a
+wrong loss this way, so `check_fast_loss` compares both paths on a probe batch once at the
+start of training and falls back to the full logits when they disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+CHUNK = 1024  # rows of hidden states per head application
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer body and output head of a HF causal LM, if it has the usual shape."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        return None
+    return body, head
+
+
+def _head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # (chunk, V)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def selected_hidden(body: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (N, H) at positions predicting a trained token, and those targets (N,)."""
+    out = body(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != IGNORE
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def fast_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token cross-entropies over trained targets, and their count."""
+    parts = decoder_and_head(model)
+    assert parts is not None
+    body, head = parts
+    hidden, targets = selected_hidden(body, batch)
+    n = int(targets.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, CHUNK):
+        h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_head_ce_sum, head, h, t, use_reentrant=False)
+        else:
+            total = total + _head_ce_sum(head, h, t)
+    return total, n
+
+
+def full_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The reference path: full logits from the model, shifted cross-entropy."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).logits  # (B, T, V)
+    targets = batch["labels"][:, 1:]
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
+
+@torch.no_grad()
+def check_fast_loss(model: nn.Module, batch: dict[str, torch.Tensor], rtol: float = 1e-3) -> bool:
+    """True when the chunked loss equals the model's own logits' loss on `batch`."""
+    if decoder_and_head(model) is None:
+        return False
+    try:
+        fast, n_fast = fast_loss_sum(model, batch)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    full, n_full = full_loss_sum(model, batch)
+    if n_fast != n_full or n_full == 0:
+        return n_fast == n_full
+    return bool(torch.isclose(fast, full, rtol=rtol, atol=1e-4 * n_full))
