@@ -126,3 +126,23 @@ def test_conversation_errors_name_row(write) -> None:
     assert "row 2" in (m := _error(bad_role)) and "'tool'" in m and "message 1" in m
     bad_from = write("from.jsonl", [{"conversations": [{"from": "bot", "value": "x"}]}])
     assert "row 1" in (m := _error(bad_from)) and "'bot'" in m
+
+
+def test_conversational_prompt_completion(tmp_path) -> None:
+    """TRL's conversational prompt/completion rows: both columns are lists of messages."""
+    import json
+
+    from lorakit.data import detect_format, load_records, to_example
+    from lorakit.errors import DataError
+
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                                "completion": [{"role": "assistant", "content": "hello"}]}) + "\n")
+    records = load_records(path)
+    fmt = detect_format(records, path)
+    assert fmt == "prompt_completion"
+    conv = to_example(records[0], fmt, 1, path)
+    assert [m["role"] for m in conv.messages] == ["system", "user", "assistant"]
+    bad = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "user", "content": "x"}]}
+    with pytest.raises(DataError, match="row 1.*assistant"):
+        to_example(bad, fmt, 1, path)

@@ -76,7 +76,8 @@ def _collate(rows: list[Item], pad_id: int, packed: bool) -> dict[str, torch.Ten
         if packed:
             position_ids[b, :n] = torch.tensor(r.position_ids, dtype=torch.long)
             position_ids[b, n:] = torch.arange(width - n)  # padding: a segment of its own
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+             "num_real": mask.sum()}  # () tokens that are not padding, for throughput figures
     if not packed:
         batch["attention_mask"] = mask
     return batch

@@ -87,6 +87,14 @@ def to_example(record: Record, fmt: str, row: int, path: str | Path) -> Conversa
         messages = [{"role": "system", "content": system}] if system.strip() else []
         messages += [{"role": "user", "content": user},
                      {"role": "assistant", "content": _answer(record["output"], where, "output")}]
+    elif fmt == "prompt_completion" and isinstance(record["prompt"], list):
+        # TRL's conversational prompt/completion: both columns are lists of chat messages.
+        role_map = {r: r for r in ROLES}
+        prompt = _turns(record["prompt"], where, "prompt", "role", "content", role_map, need_answer=False)
+        completion = _turns(record["completion"], where, "completion", "role", "content", role_map)
+        if not completion or any(m["role"] != "assistant" for m in completion):
+            raise DataError(f"{where}: column 'completion' must hold assistant messages only")
+        messages = prompt + completion
     elif fmt == "prompt_completion":
         messages = [{"role": "user", "content": _string(record["prompt"], where, "prompt")},
                     {"role": "assistant", "content": _answer(record["completion"], where, "completion")}]
@@ -117,7 +125,7 @@ def _answer(value: Any, where: str, column: str) -> str:
 
 
 def _turns(value: Any, where: str, column: str, role_key: str, content_key: str,
-           roles: dict[str, str]) -> list[Message]:
+           roles: dict[str, str], need_answer: bool = True) -> list[Message]:
     """Validate a list of turns and map its roles onto system / user / assistant."""
     if isinstance(value, str):  # CSV and some exports store the list as a JSON string
         try:
@@ -138,7 +146,7 @@ def _turns(value: Any, where: str, column: str, role_key: str, content_key: str,
             raise DataError(f"{where}: message {k}: empty answer (assistant {content_key!r} is empty); "
                             "fill it in or remove the turn")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing would be trained; "
                         "add the answer or remove the row")
     return messages

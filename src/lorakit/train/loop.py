@@ -117,9 +117,8 @@ def trained_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 def real_count(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that are not padding."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    """Tokens that are not padding (make_batches counts them; packed batches have no mask)."""
+    return int(batch["num_real"]) if "num_real" in batch else int(batch["input_ids"].numel())
 
 
 def train_step(
