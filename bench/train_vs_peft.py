@@ -70,6 +70,7 @@ def run_lorakit(args: argparse.Namespace) -> dict:
         "adapter.r=16", "adapter.alpha=32", "adapter.dropout=0.05", "adapter.target_modules=[all-linear]",
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.lr=2e-4",
         f"train.precision={args.precision}", "train.log_every=1", "train.warmup_ratio=0", f"output_dir={out}/run",
+        f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
     ]
     result = train(load_config(None, overrides), quiet=True)
     events = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -96,7 +97,7 @@ def run_peft(args: argparse.Namespace) -> dict:
         output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=2e-4,
         max_length=args.max_length, packing=args.packing, bf16=args.precision == "bf16", logging_steps=1,
         save_strategy="no", report_to=[], warmup_steps=0, use_cpu=True, dataloader_num_workers=0,
-        completion_only_loss=True, seed=0,
+        completion_only_loss=True, seed=0, gradient_checkpointing=args.gradient_checkpointing,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 
@@ -148,6 +149,8 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="packing for both tools (TRL: packing=True, its padding-free BFD packing)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing for both tools (TRL's SFTConfig turns it on by default)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--child", choices=["lorakit", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -166,7 +169,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", tool, "--model-dir", mdir, "--data", str(data),
                    "--steps", str(args.steps), "--skip", str(args.skip), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--precision", args.precision,
-                   "--packing" if args.packing else "--no-packing"]
+                   "--packing" if args.packing else "--no-packing",
+                   "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -189,7 +193,8 @@ def main() -> None:
         f"Command: `{command}`",
         "",
         f"LoRA r=16 alpha=32 all-linear, batch {args.batch_size} x max_length {args.max_length}, {args.steps} steps "
-        f"(first {args.skip} untimed), {args.precision}, packing={args.packing}, {args.examples} examples, "
+        f"(first {args.skip} untimed), {args.precision}, packing={args.packing}, "
+        f"gradient checkpointing={args.gradient_checkpointing} (both tools), {args.examples} examples, "
         f"median of {args.repeats} alternating runs, CPU threads: {__import__('torch').get_num_threads()}.",
         "",
         "| tool | trained tokens/s | peak RSS (MB) | final loss |",
@@ -200,7 +205,8 @@ def main() -> None:
                      f"{med(t, 'final_loss'):.3f} |")
     lines += ["", f"**Ratios (lorakit / PEFT+TRL):** tokens/s {tps['lorakit'] / tps['peft']:.2f}x, "
               f"peak RSS {rss['lorakit'] / rss['peft']:.2f}x", ""]
-    out = Path(__file__).parent / "results" / f"train_vs_peft-{Path(args.model).name}-{args.precision}.md"
+    gc = "-gc" if args.gradient_checkpointing else ""
+    out = Path(__file__).parent / "results" / f"train_vs_peft-{Path(args.model).name}-{args.precision}{gc}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -52,6 +52,12 @@ def human_bytes(n: float) -> str:
 def info(
     model: Annotated[str, typer.Argument(help="Builtin alias, model directory, .gguf file or hub id.")],
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+    quantization: Annotated[
+        Optional[str],
+        typer.Option("--quantization", help="nf4 or int8: load the model quantized and report measured bytes."),
+    ] = None,
+    blocksize: Annotated[int, typer.Option(help="NF4 block size (32, 64, 128, 256).")] = 64,
+    double_quant: Annotated[bool, typer.Option(help="NF4: quantize the block scales too.")] = True,
 ) -> None:
     """Architecture, parameter count, LoRA-targetable layers and weight memory of a model."""
     from rich.table import Table
@@ -75,6 +81,37 @@ def info(
     for fmt, nbytes in mi.weight_bytes.items():
         table.add_row(fmt, f"{nbytes:,}", human_bytes(nbytes))
     console.print(table)
+    if quantization is not None:
+        _print_quantized(console, model, quantization, blocksize, double_quant, trust_remote_code)
+
+
+def _print_quantized(console, model: str, method: str, blocksize: int, double_quant: bool, trust_remote_code: bool) -> None:
+    from rich.table import Table
+
+    from lorakit.models.info import measure_quantized
+
+    if method not in ("nf4", "int8"):
+        raise LorakitError(f"--quantization {method!r} is not a method; use nf4 or int8")
+    if method == "nf4" and blocksize not in (32, 64, 128, 256):
+        raise LorakitError(f"--blocksize {blocksize} is not allowed; use 32, 64, 128 or 256")
+    qs = measure_quantized(model, method, blocksize, double_quant, trust_remote_code)
+    how = f"{method}" + (f", blocksize {blocksize}, double quant {'on' if double_quant else 'off'}" if method == "nf4" else "")
+    table = Table(title=f"measured after loading with {how}",
+                  caption=f"{qs.quantized_layers} linear layers quantized "
+                          f"({'layer by layer' if qs.streamed else 'after a full-precision load'}); the rest in bf16")
+    table.add_column("weights")
+    table.add_column("parameters", justify="right")
+    table.add_column("bf16", justify="right")
+    table.add_column(method, justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row("quantized linears", f"{qs.quantized_params:,}", human_bytes(qs.before()),
+                  human_bytes(qs.quantized_bytes), f"{qs.quantized_bytes / qs.before():.3f}x")
+    table.add_row("everything else", f"{qs.other_params:,}", human_bytes(qs.other_bytes), human_bytes(qs.other_bytes), "1.000x")
+    total_before, total_after = qs.before() + qs.other_bytes, qs.quantized_bytes + qs.other_bytes
+    table.add_row("whole model", f"{qs.quantized_params + qs.other_params:,}", human_bytes(total_before),
+                  human_bytes(total_after), f"{total_after / total_before:.3f}x")
+    console.print(table)
+    console.print(f"bits per quantized parameter: {qs.bits_per_param:.3f}")
 
 
 @adapter_app.command("info")

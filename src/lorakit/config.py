@@ -47,7 +47,9 @@ class ModelConfig:
 class AdapterConfig:
     """What to train: LoRA adapters on a frozen base, or all weights."""
 
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "qlora", "full"] = "lora"
+    """lora: adapters on a frozen base; qlora: the same on a 4-bit (NF4) base, see `quantization`;
+    full: every weight trains (for comparison)."""
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -67,6 +69,25 @@ class AdapterConfig:
         if not self.target_modules:
             problems.append(("target_modules", 'is empty; use "all-linear" or a list of module names'))
         return problems
+
+
+@dataclass
+class QuantizationConfig:
+    """Store the frozen base's linear layers quantized (QLoRA): every linear but the output head."""
+
+    method: Literal["none", "nf4", "int8"] = "none"
+    """none = full precision; nf4 = 4-bit NormalFloat (QLoRA); int8 = per-row absmax int8."""
+    double_quant: bool = True
+    """NF4 only: quantize the per-block absmax to 8 bits too (4.127 instead of 4.5 bits per weight)."""
+    blocksize: int = 64
+    """NF4 only: weights per absmax block; 32, 64, 128 or 256."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"
+    """dtype the weight is dequantized to for the matmul; auto = bf16 where supported, else fp32."""
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.blocksize not in (32, 64, 128, 256):
+            return [("blocksize", f"must be 32, 64, 128 or 256, got {self.blocksize}")]
+        return []
 
 
 DataFormat = Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"]
@@ -164,15 +185,27 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/run"
     seed: int = 0
 
     def check(self) -> list[tuple[str, str]]:
+        problems = []
         if not self.output_dir.strip():
-            return [("output_dir", "is empty; give a directory for the run's outputs")]
-        return []
+            problems.append(("output_dir", "is empty; give a directory for the run's outputs"))
+        if self.adapter.method == "full" and self.quantization.method != "none":
+            problems.append(("quantization.method", f"is {self.quantization.method}, but adapter.method full trains "
+                             "every weight and a quantized base cannot be trained; set quantization.method: none, "
+                             "or train adapters with adapter.method: qlora"))
+        return problems
+
+    def resolve(self) -> Config:
+        """Fill in what one setting implies: qlora without a quantization method means nf4."""
+        if self.adapter.method == "qlora" and self.quantization.method == "none":
+            self.quantization.method = "nf4"
+        return self
 
 
 # ----------------------------------------------------------------------------- loading
@@ -189,7 +222,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             _apply_override(raw, item)
         except ValueError as err:
             problems.append(str(err))
-    cfg = from_dict(Config, raw, problems=problems)
+    cfg = from_dict(Config, raw, problems=problems).resolve()
     if problems:
         where = str(path) if path is not None else "config"
         raise ConfigError([f"{where}: {p}" for p in problems])

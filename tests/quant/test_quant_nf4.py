@@ -212,3 +212,28 @@ def test_from_dict_rejects_wrong_dtypes():
     d = quantize_nf4(torch.randn(8, 8), double_quant=False).to_dict()
     with pytest.raises(LorakitError, match="expected uint8 and torch.float32"):
         NF4Tensor.from_dict({**d, "absmax": d["absmax"].half()})
+
+
+@pytest.mark.parametrize("shape", [(37, 29), (64, 64), (5, 1000)])
+def test_chunked_quantization_equals_one_pass(monkeypatch, shape):
+    """Chunking over blocks (to bound temporaries) changes no code and no absmax, ragged tail included."""
+    import lorakit.quant.nf4 as nf4
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    whole = quantize_nf4(w, 64)
+    monkeypatch.setattr(nf4, "_CHUNK_BLOCKS", 3)
+    chunked = quantize_nf4(w, 64)
+    for key, value in whole.to_dict().items():
+        assert torch.equal(chunked.to_dict()[key], value), key
+
+
+def test_chunked_int8_equals_one_pass(monkeypatch):
+    import lorakit.quant.int8 as int8
+
+    w = torch.randn(300, 7000, generator=torch.Generator().manual_seed(4))  # 7000 cols -> 149 rows per pass
+    whole_rows = []
+    for r in range(0, 300, 100):
+        whole_rows.append(int8.quantize_int8(w[r : r + 100]))
+    q = int8.quantize_int8(w)
+    assert torch.equal(q.data, torch.cat([t.data for t in whole_rows]))
+    assert torch.equal(q.scale, torch.cat([t.scale for t in whole_rows]))

@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from lorakit.adapters.lora import Init, LoRALinear, _is_conv1d
@@ -153,11 +154,40 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def unwrap_lora(model: nn.Module) -> None:
-    """Merge every adapter and put the plain base layers back (a normal HF model again)."""
+def unwrap_lora(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Merge every adapter and put plain layers back (a normal HF model again).
+
+    A quantized base (QLoRA) is dequantized and merged in fp32 into a new nn.Linear in
+    `dtype` (default fp32): re-quantizing the merged weight to 4 bits would round most of
+    the adapter's update away, so that never happens silently. Full-precision bases are
+    merged in place, in their own dtype.
+    """
     for name, layer in list(lora_layers(model)):
-        layer.merge()
-        wrap_layer(model, name, layer.base_layer)
+        if hasattr(layer.base_layer, "dequantized_weight"):
+            wrap_layer(model, name, merged_linear(layer, dtype or torch.float32))
+        else:
+            layer.merge()
+            wrap_layer(model, name, layer.base_layer)
+
+
+@torch.no_grad()
+def merged_linear(layer: LoRALinear, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """A plain nn.Linear holding dequant(W) + B A * scaling, computed in fp32, stored in `dtype`."""
+    base = layer.base_layer
+    weight = base.dequantized_weight(torch.float32)  # (out, in)
+    if not layer.merged:
+        weight = weight + layer.delta_weight()
+    if not torch.isfinite(weight).all():
+        raise LorakitError("merging would put NaN/inf into the weight; the adapter is broken")
+    bias = getattr(base, "bias", None)
+    out = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    out.weight.copy_(weight.to(dtype))
+    if bias is not None:
+        out.bias.copy_(bias.to(dtype))
+    out.weight.requires_grad_(False)
+    if out.bias is not None:
+        out.bias.requires_grad_(False)
+    return out
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

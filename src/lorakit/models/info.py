@@ -85,3 +85,58 @@ def describe_model(name: str, trust_remote_code: bool = False) -> ModelInfo:
         linear_params=sum(model.get_submodule(n).weight.numel() for n in quantizable),
         weight_bytes=weight_bytes_by_format(model, quantizable),
     )
+
+
+@dataclass
+class QuantizedSize:
+    """Measured weight memory of a model loaded with its linear layers quantized."""
+
+    method: str
+    blocksize: int
+    double_quant: bool
+    quantized_layers: int
+    quantized_params: int
+    quantized_bytes: int  # the quantized layers' weight buffers: codes + scales
+    other_params: int  # embeddings, norms, biases, the output head (kept in bf16)
+    other_bytes: int
+    streamed: bool
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.quantized_bytes / self.quantized_params
+
+    def before(self, bytes_per_param: int = 2) -> int:
+        """The same linear weights in full precision (bf16 = 2 bytes per parameter)."""
+        return self.quantized_params * bytes_per_param
+
+
+def measure_quantized(
+    name: str, method: str = "nf4", blocksize: int = 64, double_quant: bool = True, trust_remote_code: bool = False
+) -> QuantizedSize:
+    """Load `name` quantized (layer by layer) and count the bytes its tensors really take."""
+    from lorakit.models.load import load_model
+    from lorakit.models.quantized import QuantSpec
+    from lorakit.quant.linear import Int8Linear, NF4Linear
+
+    spec = QuantSpec(method, blocksize, double_quant, torch.bfloat16)
+    loaded = load_model(name, "bf16", trust_remote_code=trust_remote_code, with_tokenizer=False, quantization=spec)
+    model = loaded.model
+    q_params = q_bytes = layers = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (NF4Linear, Int8Linear)):
+            layers += 1
+            q_params += module.in_features * module.out_features
+            for buf_name, buf in module.named_buffers(recurse=False):
+                if buf is not None and buf_name.startswith("weight_"):  # not the shared decode tables
+                    q_bytes += buf.numel() * buf.element_size()
+                    seen.add(id(buf))
+    other = [p for p in model.parameters()] + [b for n, b in model.named_buffers() if id(b) not in seen
+                                                and not n.endswith(("nf4_table", "dq_map", "inv_freq"))]
+    unique = {id(t): t for t in other}.values()  # tied embeddings count once
+    return QuantizedSize(
+        method=method, blocksize=blocksize, double_quant=double_quant, quantized_layers=layers,
+        quantized_params=q_params, quantized_bytes=q_bytes,
+        other_params=sum(t.numel() for t in unique), other_bytes=sum(t.numel() * t.element_size() for t in unique),
+        streamed=bool(loaded.quantization and loaded.quantization["streamed"]),
+    )

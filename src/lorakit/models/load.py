@@ -33,6 +33,30 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     source: ModelSource
+    quantization: dict[str, Any] | None = None  # what load_model quantized, for adapter metadata
+
+
+def quant_spec(qcfg: Any, device: torch.device | str = "cpu") -> Any:
+    """The `quantization:` config section as a QuantSpec (None when method is none)."""
+    from lorakit.models.quantized import QuantSpec
+
+    if qcfg is None or qcfg.method == "none":
+        return None
+    compute = qcfg.compute_dtype
+    if compute == "auto":
+        compute_dtype = resolve_dtype("auto", device)
+        if torch.device(device).type == "cpu" and _cpu_bf16():
+            compute_dtype = torch.bfloat16
+    else:
+        compute_dtype = DTYPES[compute]
+    return QuantSpec(qcfg.method, qcfg.blocksize, qcfg.double_quant, compute_dtype)
+
+
+def _cpu_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def cache_root() -> Path:
@@ -136,8 +160,13 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     with_tokenizer: bool = True,
+    quantization: Any = None,
 ) -> LoadedModel:
-    """Load base model (+ tokenizer) in eval mode on `device`."""
+    """Load base model (+ tokenizer) in eval mode on `device`.
+
+    `quantization` (a QuantSpec, see quant_spec) stores every linear layer but the output
+    head as NF4 / int8, quantized tensor by tensor while loading (models.quantized).
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name)
@@ -145,15 +174,36 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     kwargs.update(_hub_kwargs(source, revision))
+    quant_meta = None
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            if quantization is None:
+                model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+            else:
+                from lorakit.models.quantized import load_quantized
+
+                extra = {k: v for k, v in kwargs.items() if k not in ("dtype", "trust_remote_code")}
+                q = load_quantized(where, quantization, torch_dtype, device, trust_remote_code, extra)
+                model = q.model
+                if q.quantized_layers == 0:
+                    raise LorakitError(
+                        f"quantization.method {quantization.method}: {source.name} has no linear layers besides the "
+                        "output head to quantize; set quantization.method: none"
+                    )
+                quant_meta = {
+                    "method": quantization.method, "blocksize": quantization.blocksize,
+                    "double_quant": quantization.double_quant,
+                    "compute_dtype": str(quantization.compute_dtype).removeprefix("torch."),
+                    "quantized_layers": q.quantized_layers, "streamed": q.streamed,
+                }
+    except LorakitError:
+        raise
     except Exception as err:  # noqa: BLE001 - transformers raises many types; all mean "can't load"
         raise _load_error(source, err) from None
     model.to(device)
     model.eval()
     tokenizer = load_tokenizer(source, trust_remote_code, revision) if with_tokenizer else None
-    return LoadedModel(model, tokenizer, source)
+    return LoadedModel(model, tokenizer, source, quant_meta)
 
 
 def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False, revision: str | None = None) -> Any:

@@ -83,10 +83,17 @@ def quantize_int8(weight: torch.Tensor) -> Int8Tensor:
     """Quantize any float tensor per row of dim 0 (on its own device); the input is left untouched."""
     check_weight(weight, "quantize_int8")
     rows = _rows(weight.shape)
-    w = weight.detach().reshape(rows, -1).float()  # (rows, cols)
-    absmax = w.abs().amax(dim=1)  # (rows,)
-    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))  # 0 for all-zero rows
-    data = torch.round(w * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)  # (rows, cols)
+    w = weight.detach().reshape(rows, -1)  # (rows, cols), any float dtype
+    cols = w.shape[1]
+    data = torch.empty(rows, cols, dtype=torch.int8, device=w.device)
+    absmax = torch.empty(rows, dtype=torch.float32, device=w.device)
+    step = max(1, (1 << 20) // max(1, cols))  # rows per pass: ~1M weights, so temporaries stay a few MB
+    for r0 in range(0, rows, step):
+        part = w[r0 : r0 + step].float()  # (chunk, cols)
+        amax = part.abs().amax(dim=1)  # (chunk,)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))  # 0 for all-zero rows
+        data[r0 : r0 + step] = torch.round(part * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        absmax[r0 : r0 + step] = amax
     return Int8Tensor(data.view(weight.shape), absmax / 127.0)
 
 

@@ -81,14 +81,24 @@ class _QuantLinearFunction(torch.autograd.Function):
         return (grad_x, grad_bias, None, None, *([None] * len(buffers)))
 
 
-def _check_linear(linear: nn.Module) -> None:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(module.weight, torch.Tensor)
+
+
+def _check_linear(linear: nn.Module) -> tuple[torch.Tensor, int, int]:
+    """(weight as (out, in), in_features, out_features) of an nn.Linear or a GPT-2 Conv1D."""
     weight = getattr(linear, "weight", None)
-    if not isinstance(linear, nn.Linear) or not isinstance(weight, torch.Tensor):
-        raise LorakitError(f"from_linear needs an nn.Linear with a weight, got {type(linear).__name__}")
+    if not (isinstance(linear, nn.Linear) or is_conv1d(linear)) or not isinstance(weight, torch.Tensor):
+        raise LorakitError(f"from_linear needs an nn.Linear (or GPT-2 Conv1D) with a weight, got {type(linear).__name__}")
     if weight.is_meta:
         raise LorakitError(
             "the linear layer's weight is on the meta device (not loaded yet); load the weights before quantizing"
         )
+    if isinstance(linear, nn.Linear):
+        return weight, linear.in_features, linear.out_features
+    in_f, out_f = weight.shape  # Conv1D: (nx, nf)
+    return weight.T, int(in_f), int(out_f)
 
 
 class _QuantLinear(nn.Module):
@@ -197,12 +207,12 @@ class NF4Linear(_QuantLinear):
         compute_dtype: torch.dtype | None = torch.bfloat16,
     ) -> NF4Linear:
         """Quantize `linear`'s weight on its own device; the bias is copied in its own dtype."""
-        _check_linear(linear)
-        q = quantize_nf4(linear.weight, blocksize=blocksize, double_quant=double_quant)
+        weight, in_f, out_f = _check_linear(linear)
+        q = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
         bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
         layer = cls(
-            linear.in_features,
-            linear.out_features,
+            in_f,
+            out_f,
             bias=linear.bias is not None,
             blocksize=blocksize,
             double_quant=double_quant,
@@ -283,12 +293,12 @@ class Int8Linear(_QuantLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = torch.bfloat16) -> Int8Linear:
         """Quantize `linear`'s weight on its own device; the bias is copied in its own dtype."""
-        _check_linear(linear)
-        q = quantize_int8(linear.weight)
+        weight, in_f, out_f = _check_linear(linear)
+        q = quantize_int8(weight)
         bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
         layer = cls(
-            linear.in_features,
-            linear.out_features,
+            in_f,
+            out_f,
             bias=linear.bias is not None,
             compute_dtype=compute_dtype,
             device="meta",
@@ -325,7 +335,7 @@ def quantize_model_linears(
     compute_dtype: torch.dtype | None = torch.bfloat16,
     skip: Iterable[str] = (),
 ) -> int:
-    """Replace every nn.Linear in `model` by NF4Linear/Int8Linear, in place; returns how many.
+    """Replace every nn.Linear (and GPT-2 Conv1D) in `model` by NF4Linear/Int8Linear, in place; returns how many.
 
     Left alone: the output head (`model.get_output_embeddings()`, usually tied to the
     embeddings and sensitive to quantization), modules named in `skip` (a full dotted name
@@ -352,7 +362,7 @@ def quantize_model_linears(
     # every place a linear is reachable from (a module shared by two parents is swapped in both)
     places: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Linear) and name and module is not head:
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and name and module is not head:
             places.setdefault(id(module), []).append(name)
     todo = [names for names in places.values() if not any(skipped(n) for n in names)]
     for names in todo:

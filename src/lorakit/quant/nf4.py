@@ -246,24 +246,41 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     return NF4Tensor(data, absmax, scale, offset, torch.Size(weight.shape), blocksize)
 
 
+_CHUNK_BLOCKS = 1 << 14  # blocks per pass: at blocksize 64, 1M weights and ~16 MB of temporaries
+
+
 def _quantize_codes(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> packed codes uint8 (ceil(n/2),), absmax fp32 (blocks,)."""
-    flat = weight.reshape(-1).float()  # (n,); a view when the weight is fp32 and contiguous
+    """-> packed codes uint8 (ceil(n/2),), absmax fp32 (blocks,).
+
+    Blocks are independent, so the work goes in chunks of _CHUNK_BLOCKS blocks: the fp32
+    temporaries (about 16 bytes per weight) stay a few MB whatever the layer's size, which
+    keeps the peak of a layer-by-layer quantized load near the quantized size.
+    """
+    flat = weight.reshape(-1)  # (n,); any float dtype, converted chunk by chunk
     n = flat.numel()
     n_blocks = math.ceil(n / blocksize)
-    ragged = n_blocks * blocksize != n
-    padded = F.pad(flat, (0, n_blocks * blocksize - n)) if ragged else flat  # zeros never change an absmax
-    blocks = padded.view(n_blocks, blocksize)  # (nb, bs); read only: it may be the caller's weight
-    absmax = blocks.abs().amax(dim=1)  # (nb,) fp32
-    safe = absmax.clamp(min=1e-38).unsqueeze(1)  # (nb, 1); keeps all-zero blocks finite
-    scaled = blocks * (1.0 / safe)  # (nb, bs), a new tensor
-    if ragged:
-        scaled[-1] = blocks[-1] / safe[-1]  # bitsandbytes divides in the ragged block; keep its rounding
-    scaled.clamp_(-1.0, 1.0)
-    codes = nf4_codes(scaled).view(-1)  # (nb * bs,) uint8, even length; padding codes are 7 (= 0.0)
-    packed = (codes[0::2] << 4) | codes[1::2]  # (nb * bs / 2,)
-    n_bytes = math.ceil(n / 2)
-    return (packed[:n_bytes].clone() if ragged else packed), absmax
+    packed = torch.empty(math.ceil(n / 2), dtype=torch.uint8, device=flat.device)  # (ceil(n/2),)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)  # (nb,)
+    for b0 in range(0, n_blocks, _CHUNK_BLOCKS):
+        b1 = min(n_blocks, b0 + _CHUNK_BLOCKS)
+        lo, hi = b0 * blocksize, min(n, b1 * blocksize)
+        part = flat[lo:hi].float()  # (m,); a view when the weight is fp32
+        ragged = hi - lo != (b1 - b0) * blocksize  # only the last chunk can be
+        if ragged:
+            part = F.pad(part, (0, (b1 - b0) * blocksize - (hi - lo)))  # zeros never change an absmax
+        blocks = part.view(b1 - b0, blocksize)  # (cb, bs); read only: it may be the caller's weight
+        amax = blocks.abs().amax(dim=1)  # (cb,) fp32
+        safe = amax.clamp(min=1e-38).unsqueeze(1)  # (cb, 1); keeps all-zero blocks finite
+        scaled = blocks * (1.0 / safe)  # (cb, bs), a new tensor
+        if ragged:
+            scaled[-1] = blocks[-1] / safe[-1]  # bitsandbytes divides in the ragged block; keep its rounding
+        scaled.clamp_(-1.0, 1.0)
+        codes = nf4_codes(scaled).view(-1)  # (cb * bs,) uint8, even length; padding codes are 7 (= 0.0)
+        pairs = (codes[0::2] << 4) | codes[1::2]  # (cb * bs / 2,)
+        byte_lo = lo // 2  # blocksize is even, so chunks start on a byte
+        packed[byte_lo : byte_lo + min(pairs.numel(), packed.numel() - byte_lo)] = pairs[: packed.numel() - byte_lo]
+        absmax[b0:b1] = amax
+    return packed, absmax
 
 
 def _absmax_fp32(

@@ -26,7 +26,8 @@ from lorakit.adapters.state import save_adapter
 from lorakit.config import Config, dump_config
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write_text
-from lorakit.models.load import load_model
+from lorakit.memory import peak_rss_mb, rss_mb
+from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.train.log import MetricsLog, progress_bar
@@ -213,15 +214,6 @@ def _compile_layers(model: nn.Module) -> int:
     return len(blocks)
 
 
-def peak_rss_mb() -> float | None:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    except (ImportError, OSError):
-        return None
-
-
 def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = False) -> TrainResult:
     """Run the training described by `cfg`; writes the run directory under cfg.output_dir."""
     from rich.console import Console
@@ -237,8 +229,14 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     seed_everything(cfg.seed)
 
-    loaded = load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code, cfg.model.revision)
+    qspec = quant_spec(cfg.quantization, device)
+    loaded = load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code, cfg.model.revision,
+                        quantization=qspec)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if loaded.quantization:
+        q = loaded.quantization
+        console.print(f"quantized {q['quantized_layers']} linear layers to {q['method']} "
+                      f"(compute in {q['compute_dtype']}{', loaded layer by layer' if q['streamed'] else ''})")
     data = build_datasets(cfg.data, tokenizer, cfg.seed)
     adapted = prepare_model(model, cfg.adapter)
     console.print(f"model {cfg.model.name}: {parameter_summary(model)}")
@@ -283,6 +281,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     meta = {
         "lorakit_version": __version__, "base_model": cfg.model.name, "method": cfg.adapter.method,
         "template": cfg.data.template, "system_prompt": cfg.data.system_prompt, "max_length": cfg.data.max_length,
+        "quantization": loaded.quantization,
     }
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +319,8 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
                 if log:
                     log.write("train", step=step, epoch=round(stream.epoch + stream.index / max(1, len(stream)), 4),
                               loss=mean, lr=lr, grad_norm=grad_norm, tokens=tokens, trained_tokens=trained_tokens,
-                              tokens_per_s=round(tps, 2), elapsed=round(elapsed, 3))
+                              tokens_per_s=round(tps, 2), elapsed=round(elapsed, 3), rss_mb=_mb(rss_mb()),
+                              peak_rss_mb=_mb(peak_rss_mb()), **_cuda_memory(device))
                 bar.update(task, loss=f"{mean:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
                 window, window_tokens, window_start = [], 0, time.perf_counter()
             bar.update(task, completed=step)
@@ -355,6 +355,16 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             console.print(f"eval loss {final_eval:.4f}, perplexity {math.exp(final_eval):.2f}")
         console.print(f"wrote {run_dir} ({step} steps, {trained_tokens:,} trained tokens, {result.elapsed:.1f} s)")
     return result
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _cuda_memory(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"cuda_peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
 
 
 def _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg):
