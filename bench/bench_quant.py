@@ -66,7 +66,10 @@ def bitsandbytes_impl(blocksize: int, double_quant: bool, dtype: torch.dtype) ->
 
 def torchao_impl(blocksize: int, double_quant: bool, dtype: torch.dtype) -> Impl | str:
     try:
-        from torchao.dtypes.nf4tensor import to_nf4
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # torchao >= 0.16
+        except ImportError:
+            from torchao.dtypes.nf4tensor import to_nf4  # older releases
     except Exception as e:  # noqa: BLE001
         return f"not installed ({type(e).__name__}: {e})"
 
@@ -137,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     versions = f"torch {torch.__version__}"
     if hasattr(bitsandbytes_impl, "version"):
         versions += f", bitsandbytes {bitsandbytes_impl.version}"
+    try:
+        import torchao
+
+        versions += f", torchao {torchao.__version__}"
+    except Exception:  # noqa: BLE001
+        pass
     lines = [
         "# NF4 quantization benchmark (CPU)",
         "",

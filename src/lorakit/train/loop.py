@@ -174,7 +174,13 @@ def evaluate(model: nn.Module, loss_fn: LossFn, batches: list[dict[str, torch.Te
 
 @torch.no_grad()
 def packing_works(model: nn.Module, device: torch.device) -> bool:
-    """Two sequences packed with reset position_ids give the same logits as run alone."""
+    """Two sequences packed with reset position_ids give the logits they give alone.
+
+    The yardstick is the same pack run without the reset (the second sequence then sees the
+    first): an isolating model stays far closer to the separate runs than that. A fixed
+    tolerance would not do, because bf16 and 4-bit bases differ between a 12-token and a
+    7-token forward by rounding alone (max 0.3-0.75 on SmolLM2 logits of size 35).
+    """
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
     a, b = torch.randint(0, vocab, (5,), generator=g), torch.randint(0, vocab, (7,), generator=g)
@@ -183,13 +189,17 @@ def packing_works(model: nn.Module, device: torch.device) -> bool:
     was_training = model.training
     model.eval()
     try:
-        together = model(input_ids=packed, position_ids=pos, use_cache=False).logits.float()
+        together = model(input_ids=packed, position_ids=pos, use_cache=False).logits.float()  # (1, 12, V)
+        crossing = model(input_ids=packed, use_cache=False).logits.float()  # no reset: b sees a
         alone = torch.cat(
             [model(input_ids=x[None].to(device), use_cache=False).logits.float() for x in (a, b)], dim=1
         )
     finally:
         model.train(was_training)
-    return bool((together - alone).abs().max() < 1e-2 * max(1.0, float(alone.abs().max())))
+    err = float((together - alone)[:, 5:].abs().mean())
+    err_crossing = float((crossing - alone)[:, 5:].abs().mean())
+    scale = float(alone.abs().mean())
+    return err <= 1e-4 * max(scale, 1e-6) or err < 0.1 * err_crossing
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -259,7 +269,10 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     probe = to_device(make_batches(train_items[:2], 2, pad_id, cfg.seed, 0, shuffle=False)[0], device)
     loss_fn: LossFn = fast_loss_sum if check_fast_loss(model, probe) else full_loss_sum
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.compile:
         _compile_layers(model)
     model.train()

@@ -1,0 +1,143 @@
+"""Training options change how, not what: checkpointing, accumulation, compile, bf16, TensorBoard."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorakit.config import load_config
+from lorakit.errors import LorakitError
+from lorakit.train.loop import cpu_bf16_supported, train
+from tests.conftest import save_tiny_model_dir
+from tests.train.test_train_cli import write_chat_data
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("options")
+    save_tiny_model_dir(root / "model")
+    write_chat_data(root / "train.jsonl")
+    return root
+
+
+def run(root: Path, name: str, *overrides: str):
+    cfg = load_config(None, [
+        f"model.name={root / 'model'}", "model.dtype=fp32", f"data.train={root / 'train.jsonl'}",
+        "data.max_length=64", "data.eval_ratio=0.25", "adapter.r=4", "adapter.alpha=8", "adapter.dropout=0",
+        "train.max_steps=6", "train.batch_size=4", "train.lr=1e-2", "train.precision=fp32", "train.log_every=1",
+        "train.warmup_steps=0", f"output_dir={root / name}", "seed=5", *overrides,
+    ])
+    return train(cfg, quiet=True)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(workspace: Path) -> None:
+    plain = run(workspace, "plain")
+    ckpt = run(workspace, "ckpt", "train.gradient_checkpointing=true")
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert ckpt.eval_loss == pytest.approx(plain.eval_loss, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_the_bigger_batch() -> None:
+    """2 micro-batches of 2 rows = 1 batch of 4 rows: same loss, same update (loss averaged over all tokens)."""
+    import copy
+
+    import torch
+
+    from lorakit.adapters import inject_lora, lora_parameters
+    from lorakit.train.loop import train_step
+    from lorakit.train.loss import fast_loss_sum
+    from tests.conftest import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    inject_lora(model, ["all-linear"], r=4, alpha=8)
+    for p in lora_parameters(model):
+        torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, :12] = -100  # rows train different numbers of tokens: a per-micro-batch mean would differ
+    whole = {"input_ids": ids, "labels": labels}
+    halves = [{"input_ids": ids[:2], "labels": labels[:2]}, {"input_ids": ids[2:], "labels": labels[2:]}]
+    twin = copy.deepcopy(model)
+    import contextlib
+
+    results = []
+    for m, micro in ((model, [whole]), (twin, halves)):
+        opt = torch.optim.AdamW(lora_parameters(m), lr=1e-2)
+        loss, norm = train_step(m, fast_loss_sum, micro, opt, 1.0, contextlib.nullcontext, 1)
+        results.append((loss, norm, [p.detach().clone() for p in lora_parameters(m)]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)
+    for a, b in zip(results[0][2], results[1][2]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_torch_compile_gives_the_same_losses(workspace: Path) -> None:
+    plain = run(workspace, "plain-c", "train.max_steps=3")
+    compiled = run(workspace, "compiled", "train.max_steps=3", "train.compile=true")
+    assert compiled.losses == pytest.approx(plain.losses, rel=1e-4)
+
+
+@pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU has no fast bf16")
+def test_bf16_autocast_trains_close_to_fp32(workspace: Path) -> None:
+    fp32 = run(workspace, "fp32")
+    bf16 = run(workspace, "bf16", "train.precision=bf16")
+    assert bf16.losses[0] == pytest.approx(fp32.losses[0], rel=0.03)  # same batch, bf16 rounding
+    assert bf16.losses[-1] < bf16.losses[0]
+    import json
+
+    start = next(json.loads(line) for line in (workspace / "bf16" / "metrics.jsonl").read_text().splitlines())
+    assert start["precision"] == "torch.bfloat16"
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(LorakitError, match="pip install tensorboard"):
+        run(workspace, "tb-missing", "train.tensorboard=true")
+
+
+def test_tensorboard_writes_event_files(workspace: Path) -> None:
+    pytest.importorskip("tensorboard")
+    run(workspace, "tb", "train.tensorboard=true", "train.max_steps=2")
+    assert list((workspace / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_metrics_report_memory(workspace: Path) -> None:
+    import json
+
+    run(workspace, "mem", "train.max_steps=2")
+    events = [json.loads(line) for line in (workspace / "mem" / "metrics.jsonl").read_text().splitlines()]
+    train_events = [e for e in events if e["event"] == "train"]
+    assert all(e["rss_mb"] > 50 and e["peak_rss_mb"] >= e["rss_mb"] for e in train_events)
+
+
+def test_packing_probe_accepts_isolating_models_and_rejects_leaky_ones() -> None:
+    import torch
+
+    from lorakit.quant import quantize_model_linears
+    from lorakit.train.loop import packing_works
+    from tests.conftest import tiny_model
+
+    cpu = torch.device("cpu")
+    assert packing_works(tiny_model("llama"), cpu)
+    bf16_nf4 = tiny_model("llama").to(torch.bfloat16)  # rounding noise alone must not fail the probe
+    quantize_model_linears(bf16_nf4, "nf4", compute_dtype=torch.bfloat16)
+    assert packing_works(bf16_nf4, cpu)
+
+    class Leaky(torch.nn.Module):
+        """Ignores position_ids: the packed second sequence attends to the first."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_model("llama")
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids, position_ids=None, use_cache=False):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    assert not packing_works(Leaky(), cpu)
