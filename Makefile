@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench-setup clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lorakit demo
+
+# the peers for bench/ (TRL on top of the dev extras); then e.g. `.venv/bin/python bench/train_vs_peft.py`
+bench-setup: $(STAMP)
+	$(PIP) install -q -c constraints.txt -e '.[dev,bench]'
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -181,6 +181,43 @@ def data_check(
 
 
 @app.command()
+def merge(
+    adapter: Annotated[list[str], typer.Option("--adapter", help="Adapter directory, optionally DIR:WEIGHT (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (a Hugging Face model).")],
+    model: Annotated[Optional[str], typer.Option("--model", help="Base model; default: the adapter's recorded base.")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Merge with this lora_alpha instead of the trained one.")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="Multiply the adapters' update by this (1 = as trained).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored dtype: bf16, fp16 or fp32 (merging is always fp32).")] = "bf16",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check merged logits against base+adapter.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+) -> None:
+    """Merge LoRA adapters into the base weights (fp32 math), verify, and write a Hugging Face model directory."""
+    from lorakit.export.merge import merge as run_merge
+    from lorakit.export.merge import parse_adapter_arg
+
+    if alpha is not None and scale is not None:
+        raise LorakitError("give --alpha or --scale, not both (--scale multiplies the update, --alpha replaces lora_alpha)")
+    if alpha is not None and alpha < 0 or scale is not None and scale < 0:
+        raise LorakitError("--alpha and --scale must be >= 0")
+    refs = [parse_adapter_arg(a) for a in adapter]
+    result = run_merge(refs, out, model=model, alpha=alpha, scale=1.0 if scale is None else scale, dtype=dtype,
+                       verify=verify, force=force, trust_remote_code=trust_remote_code)
+    console = _console()
+    console.print(f"merged {len(refs)} adapter(s) into {result.base_model}: {result.merged_layers} layers"
+                  + (f", {result.dequantized_layers} quantized layers dequantized to full precision"
+                     if result.dequantized_layers else ""))
+    v = result.verification
+    if v is not None:
+        console.print(f"verified: max |logit diff| {v.max_abs_diff:.3g} (largest logit {v.max_abs_logit:.3g}), "
+                      f"top-1 agreement {100 * v.top1_agreement:.1f}%")
+        if v.adapter_effect == 0.0:
+            console.print("[yellow]warning: the adapters change nothing (their B matrices are zero?); "
+                          "the merged model equals the base[/yellow]")
+    console.print(f"wrote {result.out} ({result.dtype})")
+
+
+@app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the demo writes its run.")] = Path("runs/demo"),
 ) -> None:
