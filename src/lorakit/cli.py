@@ -24,10 +24,13 @@ app = typer.Typer(
 adapter_app = typer.Typer(help="Inspect LoRA adapter directories.", no_args_is_help=True)
 data_app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
 config_app = typer.Typer(help="Check and print configs.", no_args_is_help=True)
+export_app = typer.Typer(help="Export models to other formats.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(export_app, name="export")
 
+ModelOptExport = Annotated[Optional[str], typer.Option("--model", help="Base model; default: the adapter's recorded base.")]
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a config value: --set section.key=value (repeatable)."),
@@ -215,6 +218,190 @@ def merge(
             console.print("[yellow]warning: the adapters change nothing (their B matrices are zero?); "
                           "the merged model equals the base[/yellow]")
     console.print(f"wrote {result.out} ({result.dtype})")
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    out: Annotated[Path, typer.Option("--out", help="The .gguf file to write.")],
+    model: ModelOptExport = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter to merge (fp32) before export.")] = None,
+    type_: Annotated[str, typer.Option("--type", help="Tensor storage: f16, bf16 or q8_0 (norms stay f32).")] = "f16",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Load the file back and compare logits.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+) -> None:
+    """Write a GGUF file for llama.cpp (Llama, Mistral, Qwen2 families), tokenizer and chat template included."""
+    from lorakit.export.gguf import export_gguf
+
+    result = export_gguf(model, out, adapter, type_, verify, force, trust_remote_code)
+    console = _console()
+    if result.max_abs_diff is not None:
+        console.print(f"verified with transformers' GGUF loader: max |logit diff| {result.max_abs_diff:.3g} "
+                      f"(largest logit {result.max_abs_logit:.3g}), top-1 agreement {100 * result.top1_agreement:.1f}%")
+    console.print(f"wrote {result.path} ({result.arch}, {result.tensor_type}, {result.tensors} tensors, "
+                  f"{human_bytes(result.bytes)})")
+
+
+def _generation_options(max_new_tokens: int, temperature: float, top_p: float, seed: int, stop: list[str] | None):
+    from lorakit.eval.generate import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens, temperature, top_p, seed, list(stop or []))
+    settings.check()
+    return settings
+
+
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per answer.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy; > 0 samples.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")]
+Seed = Annotated[int, typer.Option("--seed", help="Sampling seed.")]
+Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable); cut from the answer.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model; default: the adapter's recorded base.")]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter directory (PEFT format).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
+
+
+def _read_prompts(file: Path) -> list:
+    from lorakit.data.readers import load_records
+
+    rows = load_records(str(file))
+    prompts = []
+    for i, row in enumerate(rows, start=1):
+        if isinstance(row.get("messages"), list):
+            messages = [m for m in row["messages"] if isinstance(m, dict)]
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]  # generate the answer the file holds, for comparison
+            prompts.append(messages)
+        elif isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        elif isinstance(row.get("instruction"), str):
+            text = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            prompts.append(text)
+        else:
+            raise LorakitError(f"{file} row {i}: needs a 'prompt' string, 'messages' list or 'instruction'; "
+                               f"it has {', '.join(map(str, row)) or 'no columns'}")
+    if not prompts:
+        raise LorakitError(f"{file} holds no prompts")
+    return prompts
+
+
+@app.command()
+def generate(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A user message (repeatable).")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", help="JSONL/JSON/CSV with prompt, messages or instruction.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write prompts and answers as JSONL.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the adapter's).")] = None,
+    max_new_tokens: MaxNew = 128,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+    stop: Stop = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+) -> None:
+    """Answer prompts one-shot or from a file, with the chat template used in training."""
+    import json
+
+    from lorakit.eval.generate import generate as run_generate
+    from lorakit.eval.generate import load_for_inference
+
+    if (prompt is None) == (file is None):
+        raise LorakitError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl, one of the two")
+    if out is not None and out.exists():
+        raise LorakitError(f"{out} already exists; choose another --out")
+    settings = _generation_options(max_new_tokens, temperature, top_p, seed, stop)
+    prompts = list(prompt) if prompt is not None else _read_prompts(file)
+    im = load_for_inference(model, adapter, dtype, trust_remote_code=trust_remote_code)
+    answers = run_generate(im, prompts, settings, batch_size=batch_size, system_prompt=system)
+    console = _console()
+    for p, a in zip(prompts, answers):
+        shown = p if isinstance(p, str) else p[-1]["content"] if p else ""
+        console.print(f"[bold]> {shown}[/bold]", highlight=False)
+        console.print(a, highlight=False, markup=False)
+    if out is not None:
+        from lorakit.io import atomic_write_text
+
+        rows = [{"prompt" if isinstance(p, str) else "messages": p, "output": a} for p, a in zip(prompts, answers)]
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        console.print(f"wrote {out}")
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the adapter's).")] = None,
+    max_new_tokens: MaxNew = 256,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+    stop: Stop = None,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+) -> None:
+    """Chat in the terminal, answers streamed. /reset clears the history, /system TEXT sets it, /exit quits."""
+    from lorakit.eval.generate import load_for_inference, stream_reply
+
+    settings = _generation_options(max_new_tokens, temperature, top_p, seed, stop)
+    im = load_for_inference(model, adapter, dtype, trust_remote_code=trust_remote_code)
+    system_prompt = system if system is not None else im.system_prompt
+    im.system_prompt = None  # the conversation carries it as a message
+    history: list[dict[str, str]] = []
+    out = sys.stdout
+    label = im.name + (f" + {im.adapter}" if im.adapter else "")
+    out.write(f"chatting with {label}; /reset, /system TEXT, /exit\n")
+    out.flush()
+    while True:
+        try:
+            out.write("you> ")
+            out.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line:  # end of input
+            out.write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            out.write("(history cleared)\n")
+            continue
+        if text.startswith("/system"):
+            system_prompt = text[len("/system"):].strip() or None
+            history = []
+            out.write(f"(system prompt {'set' if system_prompt else 'removed'}; history cleared)\n")
+            continue
+        if text.startswith("/"):
+            out.write("(commands: /reset, /system TEXT, /exit)\n")
+            continue
+        history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
+        out.write("model> ")
+        out.flush()
+
+        def write(piece: str) -> None:
+            out.write(piece)
+            out.flush()
+
+        answer = stream_reply(im, messages, settings, write)
+        out.write("\n")
+        history.append({"role": "assistant", "content": answer})
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (the output_dir of lorakit train).")],
+) -> None:
+    """(Re)write RUN_DIR/report.html: curves, metrics, before/after, samples, config; one file, viewable offline."""
+    from lorakit.eval.report import write_report
+
+    _console().print(f"wrote {write_report(run_dir)}", highlight=False)
 
 
 @app.command()

@@ -1,0 +1,91 @@
+"""Line plots for the run report, rendered with matplotlib's Agg canvas to inline PNG.
+
+No pyplot: each plot is its own Figure on a FigureCanvasAgg, so nothing global (the
+interactive backend, open figures) is touched, and the report renders on a machine
+without a display.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# the tab10 colours in a fixed order, so a metric keeps its colour across plots
+COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+@dataclass
+class Series:
+    label: str
+    steps: list[float]
+    values: list[float]
+    dashed: bool = False
+
+
+def series(events: list[dict[str, Any]], key: str, label: str | None = None, dashed: bool = False) -> Series | None:
+    """The finite numeric values of `key` over the events' steps (None when there are none)."""
+    points = [(e["step"], e[key]) for e in events if _number(e.get("step")) and _number(e.get(key))]
+    if not points:
+        return None
+    return Series(label or key, [float(s) for s, _ in points], [float(v) for _, v in points], dashed)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def line_plot(title: str, ylabel: str, lines: list[Series | None], logy: bool = False) -> str | None:
+    """A PNG of `lines` against step as a data: URI (None when no line has a point)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    lines = [s for s in lines if s is not None]
+    if not lines:
+        return None
+    fig = Figure(figsize=(6.0, 3.3), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, s in enumerate(lines):
+        few = len(s.steps) <= 40  # markers while the points can be told apart
+        ax.plot(s.steps, s.values, label=s.label, color=COLOURS[i % len(COLOURS)],
+                linestyle="--" if s.dashed else "-", marker="o" if few else None, markersize=3.5, linewidth=1.6)
+    if logy and all(v > 0 for s in lines for v in s.values):
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if len(lines) > 1:
+        ax.legend(fontsize=8, frameon=False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def run_plots(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(caption, data URI) for each plot the run's events can fill, in report order."""
+    train = [e for e in events if e.get("event") == "train"]
+    evals = [e for e in events if e.get("event") == "eval"]
+    gen = [dict(e["metrics"], step=e.get("step")) for e in events
+           if e.get("event") == "gen_eval" and isinstance(e.get("metrics"), dict)]
+    gen_names = list(dict.fromkeys(k for g in gen for k in g if k != "step"))
+    specs = [
+        ("Training and eval loss", "loss",
+         [series(train, "loss", "train loss"), series(evals, "eval_loss", "eval loss", dashed=True)]),
+        ("Learning rate", "lr", [series(train, "lr", "learning rate")]),
+        ("Generation metrics on the eval sample", "score", [series(gen, name) for name in gen_names]),
+        ("Throughput", "tokens / s", [series(train, "tokens_per_s", "tokens/s")]),
+        ("Memory", "MB", [series(train, "rss_mb", "RSS"), series(train, "peak_rss_mb", "peak RSS", dashed=True),
+                          series(train, "cuda_peak_mb", "CUDA peak allocated")]),
+    ]
+    plots = []
+    for title, ylabel, lines in specs:
+        uri = line_plot(title, ylabel, lines)
+        if uri is not None:
+            plots.append((title, uri))
+    return plots

@@ -1,0 +1,129 @@
+"""Generation uses training's prompt rendering; batched, greedy/sampled, stop strings; generate and chat CLIs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lorakit.eval.generate import GenerationSettings, InferenceModel, generate, load_for_inference, prompt_text
+from tests.conftest import run_cli, save_tiny_model_dir, tiny_lm_for, tiny_tokenizer
+from tests.train.test_train_cli import WORDS, write_chat_data
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model LoRA-trained until it answers 'what comes after X?' with 'after X comes Y.'"""
+    root = tmp_path_factory.mktemp("gen")
+    save_tiny_model_dir(root / "model")
+    write_chat_data(root / "train.jsonl", n=16)
+    cfg = {
+        "model": {"name": str(root / "model"), "dtype": "fp32"},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {"train": str(root / "train.jsonl"), "max_length": 128, "eval_ratio": 0.0,
+                 "system_prompt": "answer briefly"},
+        "train": {"max_steps": 300, "batch_size": 4, "lr": 2e-2, "log_every": 10, "precision": "fp32",
+                  "warmup_steps": 2},
+        "output_dir": str(root / "run"),
+    }
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_cli("train", str(root / "cfg.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def test_prompt_tokens_are_the_training_prompt_tokens() -> None:
+    from lorakit.data.templates import render
+    from lorakit.data.tokenize import tokenize_example
+
+    tok = tiny_tokenizer()
+    im = InferenceModel(tiny_lm_for(tok), tok, "auto", "be brief")
+    conv = [{"role": "user", "content": "what is the capital of france?"}, {"role": "assistant", "content": "paris."}]
+    rendered = render(conv, "auto", tok, "be brief")
+    example = tokenize_example(rendered, tok, 512)
+    n_prompt = next(i for i, label in enumerate(example.labels) if label != -100)
+    prompt_ids = tok(prompt_text(conv[:1], im), add_special_tokens=False)["input_ids"]
+    assert prompt_ids == list(example.input_ids[:n_prompt])
+
+
+def test_batched_greedy_equals_one_by_one_and_sampling_is_seeded() -> None:
+    tok = tiny_tokenizer()
+    im = InferenceModel(tiny_lm_for(tok), tok)
+    prompts = ["hello world", "what is the capital of france? tell me more please", "fox"]
+    settings = GenerationSettings(max_new_tokens=8)
+    batched = generate(im, prompts, settings, batch_size=3)
+    single = [generate(im, [p], settings, batch_size=1)[0] for p in prompts]
+    assert batched == single and any(batched)
+    sampled = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    assert generate(im, prompts, sampled) == generate(im, prompts, sampled)
+
+
+def test_stop_strings_cut_the_answer() -> None:
+    tok = tiny_tokenizer()
+    im = InferenceModel(tiny_lm_for(tok), tok)
+    full = generate(im, ["hello"], GenerationSettings(max_new_tokens=30))[0]
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = generate(im, ["hello"], GenerationSettings(max_new_tokens=12, stop=[stop]))[0]
+    assert cut == full[: full.find(stop)].strip()
+
+
+def test_settings_are_checked() -> None:
+    from lorakit.errors import LorakitError
+
+    for bad in (GenerationSettings(max_new_tokens=0), GenerationSettings(temperature=-1),
+                GenerationSettings(top_p=0)):
+        with pytest.raises(LorakitError):
+            bad.check()
+
+
+def test_the_trained_adapter_answers_what_it_learned(trained: Path) -> None:
+    im = load_for_inference(None, trained / "run" / "adapter", "fp32")
+    assert im.system_prompt == "answer briefly" and im.name == str(trained / "model")
+    answers = generate(im, [f"what comes after {w}?" for w in WORDS[:4]], GenerationSettings(max_new_tokens=30))
+    expected = [f"after {a} comes {WORDS[(i * 3 + 1) % len(WORDS)]}." for i, a in enumerate(WORDS[:4])]
+    assert sum(a == e for a, e in zip(answers, expected)) >= 3, answers  # learned, and stops at end of turn
+    base = load_for_inference(str(trained / "model"), None, "fp32")
+    assert generate(base, ["what comes after red?"], GenerationSettings(max_new_tokens=30))[0] != expected[0]
+
+
+def test_generate_cli_prompt_and_file(trained: Path, tmp_path: Path) -> None:
+    adapter = str(trained / "run" / "adapter")
+    proc = run_cli("generate", "--adapter", adapter, "--prompt", "what comes after red?", "--max-new-tokens", "30")
+    assert proc.returncode == 0, proc.stderr
+    assert "after red comes green." in proc.stdout
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "what comes after blue?"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "what comes after fox?"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    proc = run_cli("generate", "--adapter", adapter, "--file", str(prompts), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["prompt"] == "what comes after blue?" and "output" in rows[1]
+    proc = run_cli("generate", "--adapter", adapter, "--file", str(prompts), "--out", str(out))
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    proc = run_cli("generate", "--adapter", adapter)
+    assert proc.returncode == 2 and "give --prompt TEXT" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("generate", "--adapter", adapter, "--prompt", "x", "--temperature", "-1")
+    assert proc.returncode == 2 and "temperature must be >= 0" in proc.stderr
+
+
+def test_chat_two_turns_reset_system_and_exit(trained: Path) -> None:
+    script = "what comes after red?\n/reset\n/system be terse\nwhat comes after blue?\n/help\n/exit\n"
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--adapter", str(trained / "run" / "adapter"),
+                           "--max-new-tokens", "30"], input=script, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count("model> ") == 2
+    assert "after red comes green." in out
+    assert "(history cleared)" in out and "(system prompt set; history cleared)" in out
+    assert "(commands: /reset, /system TEXT, /exit)" in out
+    # end of input also ends the chat cleanly
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--adapter", str(trained / "run" / "adapter")],
+                          input="", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
