@@ -394,6 +394,87 @@ def chat(
         history.append({"role": "assistant", "content": answer})
 
 
+DataFiles = Annotated[Optional[list[Path]], typer.Option("--data", help="Questions with reference answers (repeatable).")]
+MetricsOpt = Annotated[str, typer.Option("--metrics", help="Comma-separated: fact, exact_match, token_f1, refusal, label, "
+                                                        "rouge1, rouge2, rougeL, bleu, chrf.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Only the first N rows of each file.")]
+TextOpt = Annotated[Optional[Path], typer.Option("--text", help="Plain-text file: perplexity on general text.")]
+RefusalOpt = Annotated[Optional[list[str]], typer.Option("--refusal", help="Refusal sentence (repeatable); default: "
+                                                                          "\"I can't answer that from the handbook.\"")]
+RefusalPatternOpt = Annotated[Optional[list[str]], typer.Option("--refusal-pattern", help="Refusal regex (repeatable).")]
+PerplexityOpt = Annotated[bool, typer.Option("--perplexity/--no-perplexity", help="Perplexity on the answer tokens.")]
+
+
+def _eval_options(data, metrics, max_new_tokens, batch_size, limit, perplexity, text, max_length, system, refusal,
+                  refusal_pattern, dtype, trust_remote_code):
+    from lorakit.eval.commands import EvalOptions
+    from lorakit.eval.generate import GenerationSettings
+
+    return EvalOptions(list(data or []), metrics.split(","), GenerationSettings(max_new_tokens), batch_size, limit,
+                       perplexity, text, max_length, system, list(refusal or []), list(refusal_pattern or []), dtype,
+                       trust_remote_code)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    data: DataFiles = None,
+    metrics: MetricsOpt = "fact,exact_match,token_f1,rougeL,bleu,chrf,refusal",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write metrics and every answer as JSON.")] = None,
+    max_new_tokens: MaxNew = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
+    limit: LimitOpt = None,
+    perplexity: PerplexityOpt = True,
+    text: TextOpt = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence for perplexity.")] = 512,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the adapter's).")] = None,
+    refusal: RefusalOpt = None,
+    refusal_pattern: RefusalPatternOpt = None,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+) -> None:
+    """Generate answers (greedy, the training template) and score them; perplexity on answers and text."""
+    from lorakit.eval.commands import run_eval_command
+
+    opts = _eval_options(data, metrics, max_new_tokens, batch_size, limit, perplexity, text, max_length, system,
+                         refusal, refusal_pattern, dtype, trust_remote_code)
+    run_eval_command(model, adapter, opts, out, _console())
+
+
+@app.command()
+def compare(
+    model: ModelOpt = None,
+    adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter to compare (repeatable).")] = None,
+    data: DataFiles = None,
+    general: Annotated[Optional[Path], typer.Option("--general", help="General-knowledge questions: forgetting check.")] = None,
+    metrics: MetricsOpt = "fact,exact_match,token_f1,rougeL,bleu,chrf,refusal",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write compare.json (report.py renders it).")] = None,
+    retention_threshold: Annotated[float, typer.Option("--retention-threshold", help="Warn when a tuned model keeps "
+                                                       "fewer of the base's right general answers.")] = 0.9,
+    perplexity_threshold: Annotated[float, typer.Option("--perplexity-threshold", help="Warn when general-text "
+                                                        "perplexity rises by more than this fraction.")] = 0.1,
+    max_new_tokens: MaxNew = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
+    limit: LimitOpt = None,
+    perplexity: PerplexityOpt = True,
+    text: TextOpt = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence for perplexity.")] = 512,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt for every model.")] = None,
+    refusal: RefusalOpt = None,
+    refusal_pattern: RefusalPatternOpt = None,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+) -> None:
+    """The base model and each adapter on the same questions: metrics, wins and losses, forgetting."""
+    from lorakit.eval.commands import run_compare_command
+
+    opts = _eval_options(data, metrics, max_new_tokens, batch_size, limit, perplexity, text, max_length, system,
+                         refusal, refusal_pattern, dtype, trust_remote_code)
+    run_compare_command(model, list(adapter or []), opts, [general] if general else [], out, retention_threshold,
+                        perplexity_threshold, _console())
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (the output_dir of lorakit train).")],

@@ -1,0 +1,227 @@
+"""`lorakit eval` and `lorakit compare`: load, evaluate, print tables, write JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from lorakit.errors import LorakitError
+from lorakit.eval.compare import ModelResult, build_comparison, evaluate_model, wins_and_losses
+from lorakit.eval.generate import GenerationSettings, load_for_inference
+from lorakit.eval.metrics import RefusalMatcher, check_metrics
+from lorakit.eval.runner import EvalSet, load_eval_set
+from lorakit.io import atomic_write_text
+
+
+@dataclass
+class EvalOptions:
+    data: list[Path]
+    metrics: list[str]
+    settings: GenerationSettings
+    batch_size: int = 8
+    limit: int | None = None
+    perplexity: bool = True
+    text: Path | None = None
+    max_length: int = 512
+    system: str | None = None
+    refusal: list[str] = field(default_factory=list)
+    refusal_patterns: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        self.settings.check()
+        self.metrics = check_metrics(self.metrics)
+        if self.batch_size < 1:
+            raise LorakitError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise LorakitError(f"--limit must be >= 1, got {self.limit}")
+        if self.text is not None and not self.text.is_file():
+            raise LorakitError(f"--text {self.text} is not a file; give a plain-text file for perplexity")
+
+    def refusal_matcher(self) -> RefusalMatcher:
+        return RefusalMatcher(self.refusal, self.refusal_patterns) if self.refusal else \
+            RefusalMatcher(patterns=self.refusal_patterns)
+
+
+def load_sets(paths: Sequence[Path], limit: int | None) -> list[EvalSet]:
+    if not paths:
+        raise LorakitError("give --data FILE (repeatable): questions with reference answers")
+    sets, names = [], set()
+    for path in paths:
+        s = load_eval_set(path, limit=limit)
+        name, k = s.name, 2
+        while name in names:  # two files with one stem
+            name, k = f"{s.name}-{k}", k + 1
+        s.name = name
+        names.add(name)
+        sets.append(s)
+    return sets
+
+
+def adapter_label(adapter: Path, taken: set[str]) -> str:
+    label = f"{adapter.parent.name}/{adapter.name}" if adapter.name in ("adapter", "adapter-best") else adapter.name
+    label, k = label or str(adapter), 2
+    base = label
+    while label in taken:
+        label, k = f"{base}-{k}", k + 1
+    taken.add(label)
+    return label
+
+
+@contextmanager
+def generation_progress(console: Any, total: int, label: str) -> Iterator[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _evaluate(model: str | None, adapter: Path | None, label: str, sets: list[EvalSet], opts: EvalOptions,
+              text: str | None, console: Any, like: dict[str, Any] | None = None) -> ModelResult:
+    """`like`: the template and system prompt to ask in (a base model is asked as its adapter was trained)."""
+    im = load_for_inference(model, adapter, opts.dtype, trust_remote_code=opts.trust_remote_code)
+    if like:
+        im.template = like.get("template") or im.template
+        im.system_prompt = like.get("system_prompt", im.system_prompt)
+    if opts.system is not None:
+        im.system_prompt = opts.system
+    total = sum(len(s) for s in sets)
+    with generation_progress(console, total, f"generate ({label})") as advance:
+        return evaluate_model(im, label, sets, opts.metrics, opts.settings, opts.batch_size, opts.refusal_matcher(),
+                              opts.perplexity, text, opts.max_length, advance)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def run_eval_command(model: str | None, adapter: Path | None, opts: EvalOptions, out: Path | None,
+                     console: Any) -> dict[str, Any]:
+    from rich.table import Table
+
+    opts.check()
+    if out is not None and out.exists():
+        raise LorakitError(f"{out} already exists; choose another --out")
+    sets = load_sets(opts.data, opts.limit)
+    text = opts.text.read_text(encoding="utf-8") if opts.text else None
+    label = "base" if adapter is None else adapter_label(adapter, set())
+    result = _evaluate(model, adapter, label, sets, opts, text, console)
+    table = Table(title=f"lorakit eval: {label}")
+    table.add_column("metric")
+    for s in sets:
+        table.add_column(f"{s.name} (n={len(s)})", justify="right")
+    metric_names = list(next(iter(result.datasets.values()))["metrics"])
+    for metric in metric_names:
+        table.add_row(metric, *[_fmt(result.datasets[s.name]["metrics"].get(metric)) for s in sets])
+    console.print(table)
+    if result.text_perplexity is not None:
+        console.print(f"perplexity on {opts.text}: {result.text_perplexity:.3f}")
+    report = {"model": model, "adapter": None if adapter is None else str(adapter), "label": label,
+              "settings": vars(opts.settings), "datasets": result.datasets,
+              "text": None if opts.text is None else str(opts.text), "text_perplexity": result.text_perplexity}
+    if out is not None:
+        atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        console.print(f"wrote {out}")
+    return report
+
+
+def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptions, general: list[Path],
+                        out: Path | None, retention_threshold: float, perplexity_threshold: float,
+                        console: Any) -> dict[str, Any]:
+    opts.check()
+    if not adapters:
+        raise LorakitError("give at least one --adapter DIR to compare with the base model")
+    for adapter in adapters:
+        if not (adapter / "adapter_config.json").is_file():
+            raise LorakitError(f"--adapter {adapter} is not an adapter directory (no adapter_config.json)")
+    if not 0 < retention_threshold <= 1:
+        raise LorakitError(f"--retention-threshold must be in (0, 1], got {retention_threshold}")
+    if perplexity_threshold < 0:
+        raise LorakitError(f"--perplexity-threshold must be >= 0, got {perplexity_threshold}")
+    if out is not None and out.exists():
+        raise LorakitError(f"{out} already exists; choose another --out")
+    if len(general) > 1:
+        raise LorakitError("give one --general FILE (general-knowledge questions for the forgetting check)")
+    sets = load_sets(list(opts.data) + list(general), opts.limit)
+    general_name = sets[-1].name if general else None
+    text = opts.text.read_text(encoding="utf-8") if opts.text else None
+    if model is None:  # the base the first adapter records
+        from lorakit.adapters.state import read_adapter_config
+
+        model = read_adapter_config(adapters[0]).get("base_model_name_or_path")
+        if not model:
+            raise LorakitError("give --model (the adapter does not record its base model)")
+    results = [_evaluate(model, None, "base", sets, opts, text, console, adapter_meta(adapters[0]))]
+    taken = {"base"}
+    for adapter in adapters:
+        results.append(_evaluate(model, adapter, adapter_label(adapter, taken), sets, opts, text, console))
+    comparison = build_comparison(results, general_name, retention_threshold, perplexity_threshold)
+    print_comparison(comparison, console)
+    if out is not None:
+        atomic_write_text(out, json.dumps(comparison, indent=1, ensure_ascii=False) + "\n")
+        console.print(f"wrote {out}")
+    return comparison
+
+
+def adapter_meta(adapter: Path) -> dict[str, Any]:
+    """The adapter's lorakit.json (template, system prompt, quantization), or {} for a PEFT-made adapter."""
+    from lorakit.adapters.state import LORAKIT_META
+
+    try:
+        return json.loads((adapter / LORAKIT_META).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def print_comparison(comparison: dict[str, Any], console: Any, samples: int = 3) -> None:
+    from rich.table import Table
+
+    labels = comparison["labels"]
+    for name, entry in comparison["datasets"].items():
+        table = Table(title=f"{name} (n={entry['n']})")
+        table.add_column("metric")
+        for label in labels:
+            table.add_column(label, justify="right")
+        for metric, values in entry["metrics"].items():
+            table.add_row(metric, *[_fmt(values.get(label)) for label in labels])
+        console.print(table)
+        metric = entry.get("primary_metric")
+        if metric is None or samples <= 0:
+            continue
+        base_view = {"examples": [{"scores": ex["scores"][labels[0]]} for ex in entry["examples"]]}
+        for label in labels[1:]:
+            tuned_view = {"examples": [{"scores": ex["scores"][label]} for ex in entry["examples"]]}
+            wins, losses = wins_and_losses(base_view, tuned_view, metric, samples)
+            for kind, picked in (("wins", wins), ("losses", losses)):
+                if not picked:
+                    continue
+                console.print(f"[bold]{label} vs {labels[0]}: biggest {kind} on {name} ({metric})[/bold]")
+                for i in picked:
+                    ex = entry["examples"][i]
+                    console.print(f"  Q: {ex['prompt']}", highlight=False, markup=False)
+                    console.print(f"     {labels[0]}: {_short(ex['outputs'][labels[0]])}", highlight=False, markup=False)
+                    console.print(f"     {label}: {_short(ex['outputs'][label])}", highlight=False, markup=False)
+    forgetting = comparison.get("forgetting", {})
+    if forgetting.get("retention"):
+        for label, value in forgetting["retention"].items():
+            console.print(f"answer retention on {forgetting['dataset']} ({forgetting['metric']}): {label} {_fmt(value)}")
+    if forgetting.get("perplexity"):
+        console.print("general text perplexity: " + ", ".join(f"{k} {_fmt(v)}" for k, v in forgetting["perplexity"].items()))
+    for warning in forgetting.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
