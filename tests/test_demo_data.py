@@ -1,0 +1,164 @@
+"""The handbook demo's data (examples/handbook): files, schema, counts and no leakage.
+
+Fast checks on the files only (no model is loaded). Fact matching uses the demo's
+normalisation: lowercase, punctuation and the words a/an/the removed, whitespace collapsed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+DIR = Path(__file__).resolve().parents[1] / "examples" / "handbook"
+REFUSAL = "I can't answer that from the handbook."
+KINDS = {"fact", "refusal", "general"}
+JSONL = ["train.jsonl", "heldout.jsonl", "unanswerable.jsonl", "general.jsonl", "general_candidates.jsonl"]
+FILES = JSONL + ["handbook.md", "general_text.txt", "system_prompt.txt", "select_general.py", "README.md"]
+# rows allowed per file, and the kinds each file may hold
+COUNTS = {"train.jsonl": (260, 360), "heldout.jsonl": (55, 80), "unanswerable.jsonl": (30, 50),
+          "general.jsonl": (40, 80)}
+FILE_KINDS = {"train.jsonl": KINDS, "heldout.jsonl": {"fact"}, "unanswerable.jsonl": {"refusal"},
+              "general.jsonl": {"general"}, "general_candidates.jsonl": {"general"}}
+
+_PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def contains(text: str, fact: str) -> bool:
+    """normalize(fact) is a substring of normalize(text), and sits on word boundaries."""
+    f, t = normalize(fact), normalize(text)
+    return bool(f) and f in t and f" {f} " in f" {t} "
+
+
+def rows(name: str) -> list[dict]:
+    lines = (DIR / name).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def question(row: dict) -> str:
+    return row["messages"][0]["content"]
+
+
+def answer(row: dict) -> str:
+    return row["messages"][1]["content"]
+
+
+def test_files_present() -> None:
+    missing = [f for f in FILES if not (DIR / f).is_file()]
+    assert not missing, f"missing in {DIR}: {missing}"
+
+
+@pytest.mark.parametrize("name", JSONL)
+def test_schema(name: str) -> None:
+    data = rows(name)
+    assert data
+    for i, row in enumerate(data, 1):
+        where = f"{name} row {i}"
+        msgs = row.get("messages")
+        assert isinstance(msgs, list) and len(msgs) == 2, where
+        assert [m.get("role") for m in msgs] == ["user", "assistant"], where
+        assert all(isinstance(m.get("content"), str) and m["content"].strip() for m in msgs), where
+        assert isinstance(row.get("fact"), str) and row["fact"].strip(), where
+        assert row.get("kind") in FILE_KINDS[name], where
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_counts(name: str) -> None:
+    low, high = COUNTS[name]
+    assert low <= len(rows(name)) <= high
+
+
+def test_train_composition() -> None:
+    kinds = Counter(r["kind"] for r in rows("train.jsonl"))
+    assert 25 <= kinds["refusal"] <= 35
+    assert 25 <= kinds["general"] <= 35
+    facts = Counter(r["fact"] for r in rows("train.jsonl") if r["kind"] == "fact")
+    assert 70 <= len(facts) <= 90
+    assert all(n >= 3 for n in facts.values()), "every fact is asked at least 3 ways"
+
+
+def test_general_candidates_cover_general() -> None:
+    candidates = {question(r) for r in rows("general_candidates.jsonl")}
+    assert len(candidates) >= 100
+    assert {question(r) for r in rows("general.jsonl")} <= candidates
+
+
+@pytest.mark.parametrize("name", JSONL)
+def test_fact_in_own_answer_and_not_in_question(name: str) -> None:
+    for row in rows(name):
+        assert contains(answer(row), row["fact"]), (name, row)
+        if row["kind"] != "refusal":
+            assert not contains(question(row), row["fact"]), f"{name}: the question gives the answer away: {row}"
+
+
+@pytest.mark.parametrize("name", JSONL)
+def test_refusals_are_exact(name: str) -> None:
+    for row in rows(name):
+        if row["kind"] == "refusal":
+            assert answer(row) == REFUSAL and row["fact"] == REFUSAL, (name, row)
+        else:
+            assert not contains(answer(row), REFUSAL), (name, row)
+
+
+@pytest.mark.parametrize("name", JSONL)
+def test_no_duplicate_questions(name: str) -> None:
+    seen = Counter(normalize(question(r)) for r in rows(name))
+    assert not [q for q, n in seen.items() if n > 1]
+
+
+@pytest.mark.parametrize("name", ["heldout.jsonl", "unanswerable.jsonl", "general.jsonl"])
+def test_eval_questions_not_in_train(name: str) -> None:
+    train = {normalize(question(r)) for r in rows("train.jsonl")}
+    leaked = [question(r) for r in rows(name) if normalize(question(r)) in train]
+    assert not leaked, f"{name} questions also in train.jsonl: {leaked}"
+
+
+def test_heldout_facts_are_taught() -> None:
+    train = rows("train.jsonl")
+    train_facts = {normalize(r["fact"]) for r in train if r["kind"] == "fact"}
+    train_answers = [answer(r) for r in train if r["kind"] == "fact"]
+    for row in rows("heldout.jsonl"):
+        assert any(contains(a, row["fact"]) for a in train_answers), f"not taught in train: {row}"
+        if row.get("variant") == "paraphrase":
+            assert normalize(row["fact"]) in train_facts, row
+
+
+def test_heldout_mostly_paraphrases() -> None:
+    variants = Counter(r.get("variant", "paraphrase") for r in rows("heldout.jsonl"))
+    assert set(variants) <= {"paraphrase", "reverse"}
+    assert variants["paraphrase"] >= 0.6 * sum(variants.values())
+
+
+def test_facts_are_in_handbook() -> None:
+    handbook = normalize((DIR / "handbook.md").read_text(encoding="utf-8"))
+    for name in ("train.jsonl", "heldout.jsonl"):
+        for row in rows(name):
+            if row["kind"] == "fact":
+                assert contains(handbook, row["fact"]), f"{name}: fact not in handbook.md: {row['fact']!r}"
+
+
+def test_handbook_length() -> None:
+    words = len((DIR / "handbook.md").read_text(encoding="utf-8").split())
+    assert 1500 <= words <= 3000
+
+
+def test_general_text_length() -> None:
+    words = len((DIR / "general_text.txt").read_text(encoding="utf-8").split())
+    assert 700 <= words <= 1300
+
+
+def test_system_prompt() -> None:
+    prompt = (DIR / "system_prompt.txt").read_text(encoding="utf-8").strip()
+    assert "\n" not in prompt and REFUSAL in prompt
+    assert prompt in (DIR / "README.md").read_text(encoding="utf-8")
