@@ -10,7 +10,7 @@ from tests.conftest import run_cli, save_tiny_model_dir
 
 ROWS = ["held-out fact accuracy", "train fact accuracy", "held-out ROUGE-L", "refusal rate on unanswerables",
         "false refusals on held-out", "general-knowledge accuracy", "general answers retained",
-        "perplexity on general text", "perplexity on held-out answers"]
+        "perplexity on general text"]
 
 
 def test_demo_pipeline_on_a_tiny_model(tmp_path: Path) -> None:

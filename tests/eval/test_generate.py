@@ -105,3 +105,22 @@ def test_chat_two_turns_reset_system_and_exit(trained: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "lorakit", "chat", "--adapter", str(trained / "run" / "adapter")],
                           input="", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_shared_system_prompt_is_run_once_and_changes_nothing(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorakit.eval.generate as gen
+
+    tok = tiny_tokenizer()
+    im = InferenceModel(tiny_lm_for(tok, arch), tok, "auto", "you are a careful assistant. answer in one short line.")
+    prompts = ["hello world", "what is the capital of france? tell me more please", "fox"]
+    settings = GenerationSettings(max_new_tokens=10)
+    calls: list[int] = []
+    real = gen._common_prefix
+    monkeypatch.setattr(gen, "_common_prefix", lambda ids: calls.append(real(ids)) or calls[-1])
+    shared = generate(im, prompts, settings, batch_size=3)
+    assert calls and calls[0] >= gen.SHARED_PREFIX_MIN  # the system prompt was shared
+    monkeypatch.setattr(gen, "SHARED_PREFIX_MIN", 10**9)
+    plain = generate(im, prompts, settings, batch_size=3)
+    single = [generate(im, [p], settings, batch_size=1)[0] for p in prompts]
+    assert shared == plain == single and any(shared)

@@ -10,7 +10,7 @@ threshold gives a warning.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ class ModelResult:
     text_perplexity: float | None = None
 
 
-def evaluate_model(
+def evaluate_model(  # perplexity: every set, none, or the named sets
     im: InferenceModel,
     label: str,
     sets: Sequence[EvalSet],
@@ -36,7 +36,7 @@ def evaluate_model(
     settings: GenerationSettings,
     batch_size: int = 8,
     refusal: RefusalMatcher | None = None,
-    perplexity: bool = True,
+    perplexity: bool | Collection[str] = True,
     text: str | None = None,
     max_length: int = 512,
     on_batch: Callable[[int], None] | None = None,
@@ -44,7 +44,7 @@ def evaluate_model(
     result = ModelResult(label)
     for s in sets:
         out = run_eval(im, s, metrics, settings, batch_size, refusal, on_batch)
-        if perplexity:
+        if perplexity is True or (perplexity and s.name in perplexity):
             out["metrics"]["perplexity"] = answer_perplexity(im, s, max_length, batch_size)
         result.datasets[s.name] = out
     if text is not None:

@@ -1,0 +1,46 @@
+"""Generation metrics while training: answers to the first rows of the eval split, scored.
+
+The training loop calls `generation_eval` every `eval.every` steps and at the end, and logs
+the result as a `gen_eval` event in metrics.jsonl (the report plots it). The model is asked
+exactly as `lorakit generate` would ask the saved adapter: the same template and system
+prompt, greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.eval.generate import GenerationSettings, InferenceModel, generate
+from lorakit.eval.metrics import Target, aggregate, score_example
+
+
+def generation_eval(model: nn.Module, tokenizer: Any, cfg: Any, examples: Sequence[Any]) -> dict[str, Any] | None:
+    """{"n", "metrics"} over up to cfg.eval.max_examples eval rows with messages (None when there are none)."""
+    rows = [e for e in examples if getattr(e, "messages", None)][: cfg.eval.max_examples]
+    prompts, targets = [], []
+    for e in rows:
+        last = max((i for i, m in enumerate(e.messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            continue
+        meta = getattr(e, "meta", None) or {}
+        prompts.append(e.messages[:last])
+        fact, label = meta.get("fact"), meta.get("label")
+        targets.append(Target(e.messages[last]["content"], None if fact is None else str(fact),
+                              None if label is None else str(label)))
+    if not prompts:
+        return None
+    im = InferenceModel(model, tokenizer, cfg.data.template, cfg.data.system_prompt)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = generate(im, prompts, GenerationSettings(cfg.eval.max_new_tokens), batch_size=cfg.eval.batch_size)
+    finally:
+        model.train(was_training)
+    per_example = [score_example(cfg.eval.metrics, o, t) for o, t in zip(outputs, targets)]
+    return {"n": len(prompts), "metrics": aggregate(cfg.eval.metrics, outputs, targets, per_example),
+            "sample": {"prompt": prompts[0][-1]["content"], "output": outputs[0]}}
