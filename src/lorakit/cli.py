@@ -157,12 +157,28 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML config of the run.")],
     set_: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    nproc: Annotated[
+        Optional[int],
+        typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun; see distributed: in the config)."),
+    ] = None,
 ) -> None:
     """Fine-tune: writes config.yaml, metrics.jsonl, checkpoints/, adapter/ and eval.json to output_dir."""
     from lorakit.config import load_config
+    from lorakit.train import distributed
+
+    cfg = load_config(config, set_)  # config mistakes are reported once, before any process starts
+    if nproc is not None:
+        argv = ["train", str(config), *[a for s in set_ or [] for a in ("--set", s)], *(["--resume"] if resume else [])]
+        code = distributed.launch(nproc, argv)
+        if code != 0:
+            sys.stderr.write(f"error: the {nproc}-process job failed (torchrun exit code {code}); "
+                             "the failing rank's error is above\n")
+            raise typer.Exit(code)
+        return
     from lorakit.train.loop import train as run_training
 
-    run_training(load_config(config, set_), resume=resume)
+    with distributed.job():  # under torchrun: errors name their rank; the process group is left at the end
+        run_training(cfg, resume=resume)
 
 
 @data_app.command("check")
@@ -487,12 +503,17 @@ def report(
 
 @app.command()
 def demo(
-    output_dir: Annotated[Path, typer.Option(help="Where the demo writes its run.")] = Path("runs/demo"),
+    output_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default: the config's output_dir, "
+                                                       "or the next free name beside it).")] = None,
+    config: Annotated[Path, typer.Option("--config", help="The demo's training config.")] = Path("examples/handbook/lora.yaml"),
+    overrides: SetOption = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate on at most N questions per set.")] = None,
+    merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Merge and verify the adapter at the end.")] = True,
 ) -> None:
-    """The main job: fine-tune a model with LoRA and show what changed."""
+    """The main job: evaluate SmolLM2, LoRA-train it on a handbook, evaluate again, merge; print before/after."""
     from lorakit.demo import run_demo
 
-    run_demo(output_dir)
+    run_demo(output_dir, config, overrides, limit, merge=merge)
 
 
 def main(argv: list[str] | None = None) -> None:

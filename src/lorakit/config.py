@@ -180,6 +180,56 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How several processes share the training (torchrun); a single process ignores it."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank holds the whole model, trainable gradients are all-reduced;
+    fsdp: FSDP2 (fully_shard per decoder layer): parameters, gradients, optimizer state sharded."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """auto: nccl on CUDA, gloo on CPU."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """fsdp: dtype of the gradient reduce-scatter (parameters are gathered in bf16 when training in bf16)."""
+    timeout_s: int = 1800
+    """A collective waiting longer than this fails the job (torchrun already stops it when one rank exits)."""
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.timeout_s < 10:
+            return [("timeout_s", f"must be >= 10 seconds, got {self.timeout_s}")]
+        return []
+
+
+@dataclass
+class EvalConfig:
+    """Generation metrics during training: answers to a sample of the eval set, scored and logged."""
+
+    every: int = 0
+    """Every N optimizer steps, and at the end; 0 = off (generation costs time)."""
+    metrics: list[str] = field(default_factory=lambda: ["fact", "exact_match", "token_f1", "rougeL"])
+    max_examples: int = 32
+    """Eval rows generated for (the first N of the eval split)."""
+    max_new_tokens: int = 64
+    batch_size: int = 8
+
+    def check(self) -> list[tuple[str, str]]:
+        from lorakit.eval.metrics import METRICS
+
+        problems = []
+        for key in ("every",):
+            if getattr(self, key) < 0:
+                problems.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        for key in ("max_examples", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                problems.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            problems.append(("metrics", f"unknown metric {', '.join(unknown)}; choose from {', '.join(METRICS)}"))
+        if not self.metrics:
+            problems.append(("metrics", f"is empty; choose from {', '.join(METRICS)}"))
+        return problems
+
+
+@dataclass
 class Config:
     """A whole run: model, adapter, data, training and where outputs go."""
 
@@ -188,6 +238,8 @@ class Config:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/run"
     seed: int = 0
 

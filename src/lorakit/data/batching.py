@@ -32,8 +32,14 @@ Item = TokenizedExample | PackedSequence
 
 
 def make_batches(items: Sequence[Item], batch_size: int, pad_id: int, seed: int, epoch: int,
-                 shuffle: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Batches of `batch_size` items (the last may be smaller); shuffle=False keeps the given order."""
+                 shuffle: bool = True, part: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
+    """Batches of `batch_size` items (the last may be smaller); shuffle=False keeps the given order.
+
+    part=(k, n) keeps the k-th of n contiguous slices of every batch (data-parallel rank k of
+    n, with batch_size the global batch): the n slices of a batch are exactly the rows a
+    single process gets with part=(0, 1), each collated to its own width. A batch with fewer
+    than n rows is dropped, so every rank gets as many batches as the others.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not items:
@@ -45,6 +51,9 @@ def make_batches(items: Sequence[Item], batch_size: int, pad_id: int, seed: int,
         groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     else:
         groups = _length_groups(np.array([len(x.input_ids) for x in items]), batch_size, rng)
+    k, n = part
+    if n > 1:
+        groups = [g[k * len(g) // n : (k + 1) * len(g) // n] for g in groups if len(g) >= n]
     return [_collate([items[i] for i in g.tolist()], pad_id, packed) for g in groups]
 
 

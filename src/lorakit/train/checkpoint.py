@@ -5,8 +5,12 @@
       adapter/                the LoRA adapter in PEFT's format (usable on its own)
       optimizer.safetensors   optimizer state tensors, keyed state.<param index>.<name>
       optimizer.json          optimizer param groups (hyper-parameters)
-      rng.safetensors         torch CPU (and CUDA) generator states
-      trainer_state.json      step, data position, best eval loss, Python RNG state, ...
+      rng.safetensors         torch CPU (and CUDA) generator states (rank r > 0 of a torchrun job: rank{r}.*)
+      trainer_state.json      step, data position, best eval loss, Python RNG state, world size, ...
+
+Under torchrun every rank calls save_checkpoint: FSDP's sharded parameters and optimizer
+state are gathered and rank 0 writes them whole, so the layout is the same for 1 process,
+DDP and FSDP; a run resumes with the world size it was written with.
 
 Nothing is unpickled on load. A directory appears only when complete (temp dir + rename),
 so a SIGKILL during a save leaves the previous checkpoint as the latest.
@@ -29,6 +33,8 @@ from lorakit.adapters.inject import lora_layers
 from lorakit.adapters.state import save_adapter
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
+from lorakit.train.distributed import (full_parameters, full_tensor, gather_rng, is_main, like_param, rank_rng,
+                                       world_size)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -38,19 +44,25 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state as whole tensors (FSDP's shards gathered: every rank calls this; only rank 0 keeps them)."""
     sd = optimizer.state_dict()
     tensors = {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
-            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
+            t = full_tensor(value) if isinstance(value, torch.Tensor) else torch.tensor(value)
+            if is_main():
+                tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
     return tensors, {"param_groups": sd["param_groups"]}
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, idx, name = key.split(".", 2)
+        param = params[int(idx)] if int(idx) < len(params) else None
+        if param is not None and value.shape == param.shape:
+            value = like_param(param, value)  # this rank's shard under FSDP
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -91,21 +103,35 @@ def save_checkpoint(
     adapter_meta: dict[str, Any] | None = None,
     base_model: str | None = None,
 ) -> Path:
+    """Every rank calls this (FSDP's shards and every rank's RNG state are gathered); rank 0 writes."""
     target = Path(run_dir) / "checkpoints" / f"step-{step}"
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
-    rng_tensors, py_rng = rng_state()
+    rng_tensors, py_rngs = gather_rng(*rng_state())
+    with full_parameters(model):
+        if is_main():
+            _write_checkpoint(target, step, model, opt_tensors, opt_meta, rng_tensors, py_rngs, trainer_state,
+                              adapter_meta, base_model)
+    if is_main():
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write_checkpoint(target: Path, step: int, model: nn.Module, opt_tensors: dict[str, torch.Tensor],
+                      opt_meta: dict[str, Any], rng_tensors: dict[str, torch.Tensor], py_rngs: list[Any],
+                      trainer_state: dict[str, Any], adapter_meta: dict[str, Any] | None, base_model: str | None) -> None:
+    py_rng = py_rngs[0]
     with atomic_dir(target, overwrite=True) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         atomic_write_text(tmp / "optimizer.json", json.dumps(opt_meta) + "\n")
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        state = dict(trainer_state, step=step, python_rng=py_rng)
+        state = dict(trainer_state, step=step, python_rng=py_rng, world_size=world_size())
+        if len(py_rngs) > 1:
+            state["python_rng_by_rank"] = py_rngs
         atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
         if any(True for _ in lora_layers(model)):
             save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model, meta=adapter_meta)
-    for _, old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -118,6 +144,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as err:
         raise LorakitError(f"checkpoint {path} is damaged ({err}); delete it to resume from an earlier one") from None
+    if state.get("world_size", 1) != world_size():
+        raise LorakitError(
+            f"checkpoint {path} was written by {state.get('world_size', 1)} process(es) and this run has {world_size()}; "
+            f"resume with the same number (--nproc {state.get('world_size', 1)}): the data position counts global batches"
+        )
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or any(n not in params for n in weights):
@@ -127,7 +158,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         )
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            params[name].copy_(like_param(params[name], value))
     restore_optimizer(optimizer, opt_tensors, opt_meta)
-    restore_rng(rng, state.pop("python_rng"))
+    restore_rng(*rank_rng(rng, state.pop("python_rng_by_rank", None) or [state["python_rng"]]))
+    state.pop("python_rng")
     return state

@@ -39,7 +39,7 @@ from lorakit.train.optim import build_optimizer, lr_at, set_lr
 class TrainResult:
     run_dir: Path
     steps: int
-    losses: list[float] = field(default_factory=list)  # per optimizer step, this process
+    losses: list[float] = field(default_factory=list)  # per optimizer step, mean over all ranks
     eval_loss: float | None = None
     tokens: int = 0
     trained_tokens: int = 0
@@ -88,9 +88,7 @@ class BatchStream:
     """Micro-batches in a seeded order, epoch after epoch; (epoch, index) is the resume point."""
 
     def __init__(self, items: list, batch_size: int, pad_id: int, seed: int, epoch: int = 0, index: int = 0) -> None:
-        from lorakit.data import make_batches
-
-        self._make = lambda ep: dist.shard(make_batches(items, batch_size, pad_id, seed, ep, shuffle=True))
+        self._make = lambda ep: dist.rank_batches(items, batch_size, pad_id, seed, ep)  # this rank's slice of each global batch
         self.epoch, self.index = epoch, index
         self._batches = self._make(epoch)
         if not self._batches:
@@ -131,27 +129,25 @@ def train_step(
     amp: Any,
     step: int,
 ) -> tuple[float, float]:
-    """One optimizer step over the micro-batches; the loss is the mean over all trained tokens."""
-    total = sum(trained_count(b) for b in micro_batches)
+    """One optimizer step over the micro-batches; the loss is the mean over all trained tokens (of all ranks)."""
+    total = dist.sum_over_ranks(sum(trained_count(b) for b in micro_batches))
     if total == 0:
         raise LorakitError(f"step {step}: no trained tokens in the batch; check the data's loss masks (lorakit data check)")
     loss_sum = 0.0
-    for batch in micro_batches:
-        with amp():
-            part, _ = loss_fn(model, batch)
-        (part / total).backward()
+    for i, batch in enumerate(micro_batches):
+        with dist.grad_sync(loss_fn, last=i == len(micro_batches) - 1):
+            with amp():
+                part, _ = loss_fn(model, batch)
+            (part * dist.world_size() / total).backward()  # DDP / FSDP average over ranks: x world_size
         loss_sum += float(part.detach())
-    loss = loss_sum / total
+    loss = dist.sum_over_ranks(loss_sum) / total
     if not math.isfinite(loss):
         raise LorakitError(
             f"loss became {loss} at step {step}; likely causes: learning rate too high (train.lr), fp16 overflow, "
             "or broken data. The last good checkpoint is kept; lower train.lr and resume"
         )
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    else:
-        grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    grad_norm = dist.clip_grad_norm(params, max_grad_norm)  # over all shards under FSDP
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
@@ -234,7 +230,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     run_dir = Path(cfg.output_dir)
     _check_run_dir(run_dir, resume)
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = dist.setup(cfg.distributed, resolve_device(tc.device))  # under torchrun: process group, cuda:LOCAL_RANK
     amp_dtype = autocast_dtype(tc.precision, device)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     seed_everything(cfg.seed)
@@ -276,10 +272,14 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     if tc.compile:
         _compile_layers(model)
     model.train()
+    loss_fn = dist.parallelize(model, loss_fn, cfg.distributed, device, amp_dtype, tc.optimizer)  # DDP / FSDP2
+    dist.seed_ranks(cfg.seed)
     optimizer = build_optimizer(model, tc, device)
 
     step, best_eval, tokens, trained_tokens, elapsed_before = 0, math.inf, 0, 0, 0.0
     checkpoints = list_checkpoints(run_dir) if resume else []
+    dist.agree(checkpoints[-1][0] if checkpoints else 0, f"the step to resume from in {run_dir}",
+               "output_dir must be a directory that every node sees")
     if checkpoints:
         ckpt_step, ckpt_path = checkpoints[-1]
         state = load_checkpoint(ckpt_path, model, optimizer)
@@ -304,6 +304,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
         log.write("start", step=0, total_steps=total_steps, examples=len(data.train), eval_examples=len(data.eval),
                   sequences=len(train_items), trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   adapted_modules=len(adapted), device=str(device), precision=str(amp_dtype or "fp32"),
+                  world_size=dist.world_size(), strategy=cfg.distributed.strategy if dist.launched() else None,
                   real_token_fraction=data.stats.real_token_fraction if hasattr(data.stats, "real_token_fraction") else None)
 
     result = TrainResult(run_dir=run_dir, steps=total_steps)
@@ -318,8 +319,8 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             micro = [to_device(stream.next(), device) for _ in range(tc.grad_accum)]
             loss, grad_norm = train_step(model, loss_fn, micro, optimizer, tc.max_grad_norm, amp, step + 1)
             step += 1
-            step_tokens = sum(real_count(b) for b in micro)
-            step_trained = sum(trained_count(b) for b in micro)
+            step_tokens = dist.sum_over_ranks(sum(real_count(b) for b in micro))  # all ranks' tokens
+            step_trained = dist.sum_over_ranks(sum(trained_count(b) for b in micro))
             tokens += step_tokens
             trained_tokens += step_trained
             window_tokens += step_tokens
@@ -339,17 +340,24 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             bar.update(task, completed=step)
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
                 best_eval, _ = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
-            if tc.save_every and step % tc.save_every == 0 and step < total_steps and dist.is_main():
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
+                _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
+            if tc.save_every and step % tc.save_every == 0 and step < total_steps:  # every rank: FSDP gathers
                 state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
                          "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": elapsed}
                 save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
 
     best_eval, final_eval = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
+    if cfg.eval.every:
+        _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
     result.eval_loss, result.tokens, result.trained_tokens = final_eval, tokens, trained_tokens
     result.elapsed = elapsed_before + time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
+    dist.on_main(model, _save_final, model, tokenizer, run_dir, meta, cfg)  # every rank: FSDP gathers, rank 0 writes
+    state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
+             "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": result.elapsed}
+    save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
     if dist.is_main():
-        _save_final(model, tokenizer, run_dir, meta, cfg)
         summary = {
             "step": step, "eval_loss": final_eval, "eval_ppl": math.exp(final_eval) if final_eval is not None else None,
             "best_eval_loss": best_eval if math.isfinite(best_eval) else None,
@@ -358,12 +366,10 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             "trained_tokens_per_s": round(trained_tokens / max(result.elapsed, 1e-9), 2), "peak_rss_mb": result.peak_rss_mb,
         }
         atomic_write_text(run_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-        state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
-                 "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": result.elapsed}
-        save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
         if log:
             log.write("end", **summary)
             log.close()
+        _write_report(run_dir, console)
         if final_eval is not None:
             console.print(f"eval loss {final_eval:.4f}, perplexity {math.exp(final_eval):.2f}")
         console.print(f"wrote {run_dir} ({step} steps, {trained_tokens:,} trained tokens, {result.elapsed:.1f} s)")
@@ -380,6 +386,30 @@ def _cuda_memory(device: torch.device) -> dict[str, float]:
     return {"cuda_peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
 
 
+def _write_report(run_dir: Path, console: Any) -> None:
+    """report.html; the run's results are already saved, so a failure here is a warning, not a lost run."""
+    from lorakit.eval.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - see the docstring; `lorakit report RUN_DIR` retries it
+        console.print(f"[yellow]warning:[/yellow] report.html not written ({type(err).__name__}: {err}); "
+                      f"retry with: lorakit report {run_dir}")
+
+
+def _generation_eval(model, tokenizer, cfg, examples, step, log, console) -> None:
+    """Generation metrics on the first eval rows (config `eval:`), logged as a gen_eval event."""
+    from lorakit.eval.during_training import generation_eval
+
+    result = generation_eval(model, tokenizer, cfg, examples)  # every rank: FSDP forwards are collective
+    if result is None:
+        return
+    if log:
+        log.write("gen_eval", step=step, n=result["n"], metrics=result["metrics"])
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if v is not None)
+    console.print(f"step {step}: generation eval on {result['n']} rows: {shown}")
+
+
 def _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg):
     """Evaluate; log eval loss and perplexity; keep the best adapter in adapter-best/.
 
@@ -392,8 +422,8 @@ def _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log,
         log.write("eval", step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
     if loss < best_eval:
         best_eval = loss
-        if dist.is_main() and any(True for _ in lora_layers(model)):
-            save_adapter(model, run_dir / "adapter-best", cfg.model.name, dict(meta, step=step, eval_loss=loss))
+        if any(True for _ in lora_layers(model)):  # every rank: FSDP gathers, rank 0 writes
+            dist.on_main(model, save_adapter, model, run_dir / "adapter-best", cfg.model.name, dict(meta, step=step, eval_loss=loss))
     return best_eval, loss
 
 
