@@ -7,12 +7,13 @@ normalisation: lowercase, punctuation and the words a/an/the removed, whitespace
 from __future__ import annotations
 
 import json
-import re
-import string
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from lorakit.eval.metrics import fact_match
+from lorakit.eval.metrics import normalize_answer as normalize
 
 DIR = Path(__file__).resolve().parents[1] / "examples" / "handbook"
 REFUSAL = "I can't answer that from the handbook."
@@ -25,20 +26,9 @@ COUNTS = {"train.jsonl": (260, 360), "heldout.jsonl": (55, 80), "unanswerable.js
 FILE_KINDS = {"train.jsonl": KINDS, "heldout.jsonl": {"fact"}, "unanswerable.jsonl": {"refusal"},
               "general.jsonl": {"general"}, "general_candidates.jsonl": {"general"}}
 
-_PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize(text: str) -> str:
-    text = text.lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
 def contains(text: str, fact: str) -> bool:
-    """normalize(fact) is a substring of normalize(text), and sits on word boundaries."""
-    f, t = normalize(fact), normalize(text)
-    return bool(f) and f in t and f" {f} " in f" {t} "
+    """The demo's own fact metric: normalised fact within the normalised text, on word boundaries."""
+    return fact_match(text, fact) == 1.0
 
 
 def rows(name: str) -> list[dict]:

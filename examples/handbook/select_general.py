@@ -18,31 +18,23 @@ wrong (found by reading the PASS lines); they are dropped even though they match
 from __future__ import annotations
 
 import json
-import re
-import string
 import sys
 import time
 from pathlib import Path
 
+from lorakit.eval.metrics import fact_match
+
 HERE = Path(__file__).resolve().parent
 MODEL = "smollm2-135m-instruct"
-_PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 REVIEWED_OUT = {
     "What is frozen water called?",  # "Frozen water is a type of liquid ... the melting of ice"
     "What is a baby dog called?",  # "A baby dog is ... typically smaller than a puppy"
 }
 
 
-def normalize(text: str) -> str:
-    text = text.lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
 def fact_matches(answer: str, fact: str) -> bool:
-    f, a = normalize(fact), normalize(answer)
-    return bool(f) and f in a and f" {f} " in f" {a} "
+    """The demo's fact metric (lorakit.eval.metrics.fact_match)."""
+    return fact_match(answer, fact) == 1.0
 
 
 def main(argv: list[str]) -> int:
