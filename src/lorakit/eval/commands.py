@@ -92,8 +92,8 @@ def _evaluate(model: str | None, adapter: Path | None, label: str, sets: list[Ev
         im.system_prompt = like.get("system_prompt", im.system_prompt)
     if opts.system is not None:
         im.system_prompt = opts.system
-    total = sum(len(s) for s in sets)
-    with generation_progress(console, total, f"generate ({label})") as advance:
+    total = sum(len(s) for s in sets) * (2 if opts.perplexity else 1)  # generation, then the perplexity pass
+    with generation_progress(console, total, f"evaluate {label}") as advance:
         return evaluate_model(im, label, sets, opts.metrics, opts.settings, opts.batch_size, opts.refusal_matcher(),
                               opts.perplexity, text, opts.max_length, advance)
 

@@ -45,7 +45,7 @@ def evaluate_model(  # perplexity: every set, none, or the named sets
     for s in sets:
         out = run_eval(im, s, metrics, settings, batch_size, refusal, on_batch)
         if perplexity is True or (perplexity and s.name in perplexity):
-            out["metrics"]["perplexity"] = answer_perplexity(im, s, max_length, batch_size)
+            out["metrics"]["perplexity"] = answer_perplexity(im, s, max_length, batch_size, on_batch)
         result.datasets[s.name] = out
     if text is not None:
         result.text_perplexity = text_perplexity(im, text, max_length)

@@ -99,7 +99,8 @@ def run_eval(
 
 
 @torch.no_grad()
-def answer_perplexity(im: InferenceModel, evalset: EvalSet, max_length: int = 512, batch_size: int = 8) -> float | None:
+def answer_perplexity(im: InferenceModel, evalset: EvalSet, max_length: int = 512, batch_size: int = 8,
+                      on_batch: Callable[[int], None] | None = None) -> float | None:
     """exp(mean loss on the answer tokens), rendered and masked exactly as in training."""
     from lorakit.data import make_batches
     from lorakit.data.templates import render, resolve_template
@@ -111,7 +112,7 @@ def answer_perplexity(im: InferenceModel, evalset: EvalSet, max_length: int = 51
     if not items:
         return None
     pad = im.tokenizer.pad_token_id if im.tokenizer.pad_token_id is not None else 0
-    return _perplexity(im, make_batches(items, batch_size, pad, 0, 0, shuffle=False))
+    return _perplexity(im, make_batches(items, batch_size, pad, 0, 0, shuffle=False), on_batch)
 
 
 @torch.no_grad()
@@ -137,7 +138,8 @@ def text_perplexity(im: InferenceModel, text: str, max_length: int = 512, batch_
     return _perplexity(im, batches)
 
 
-def _perplexity(im: InferenceModel, batches: list[dict[str, torch.Tensor]]) -> float | None:
+def _perplexity(im: InferenceModel, batches: list[dict[str, torch.Tensor]],
+                on_batch: Callable[[int], None] | None = None) -> float | None:
     from lorakit.train.loss import full_loss_sum
 
     device = next(im.model.parameters()).device
@@ -148,4 +150,6 @@ def _perplexity(im: InferenceModel, batches: list[dict[str, torch.Tensor]]) -> f
         loss, n = full_loss_sum(im.model, batch)
         total += float(loss)
         count += n
+        if on_batch:
+            on_batch(int(batch["input_ids"].shape[0]))
     return math.exp(min(total / count, 50.0)) if count else None
