@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from lorakit.errors import LorakitError
+from lorakit.eval.metrics import DEFAULT_METRICS
 
 app = typer.Typer(
     help="Fine-tune language models on the machine you have: LoRA, QLoRA, full fine-tuning.",
@@ -266,6 +267,10 @@ def _generation_options(max_new_tokens: int, temperature: float, top_p: float, s
     return settings
 
 
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")]
+MaxLengthOpt = Annotated[int, typer.Option("--max-length", help="Tokens per sequence for perplexity.")]
+TrustOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code.")]
+METRICS_DEFAULT = ",".join(DEFAULT_METRICS)
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per answer.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy; > 0 samples.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")]
@@ -313,7 +318,7 @@ def generate(
     top_p: TopP = 1.0,
     seed: Seed = 0,
     stop: Stop = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
+    batch_size: BatchSizeOpt = 8,
     dtype: DtypeOpt = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
 ) -> None:
@@ -436,19 +441,19 @@ def eval_cmd(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     data: DataFiles = None,
-    metrics: MetricsOpt = "fact,exact_match,token_f1,rougeL,bleu,chrf,refusal",
+    metrics: MetricsOpt = METRICS_DEFAULT,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write metrics and every answer as JSON.")] = None,
     max_new_tokens: MaxNew = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
+    batch_size: BatchSizeOpt = 8,
     limit: LimitOpt = None,
     perplexity: PerplexityOpt = True,
     text: TextOpt = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence for perplexity.")] = 512,
+    max_length: MaxLengthOpt = 512,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt (default: the adapter's).")] = None,
     refusal: RefusalOpt = None,
     refusal_pattern: RefusalPatternOpt = None,
     dtype: DtypeOpt = "auto",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Generate answers (greedy, the training template) and score them; perplexity on answers and text."""
     from lorakit.eval.commands import run_eval_command
@@ -464,23 +469,23 @@ def compare(
     adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter to compare (repeatable).")] = None,
     data: DataFiles = None,
     general: Annotated[Optional[Path], typer.Option("--general", help="General-knowledge questions: forgetting check.")] = None,
-    metrics: MetricsOpt = "fact,exact_match,token_f1,rougeL,bleu,chrf,refusal",
+    metrics: MetricsOpt = METRICS_DEFAULT,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write compare.json (report.py renders it).")] = None,
     retention_threshold: Annotated[float, typer.Option("--retention-threshold", help="Warn when a tuned model keeps "
                                                        "fewer of the base's right general answers.")] = 0.9,
     perplexity_threshold: Annotated[float, typer.Option("--perplexity-threshold", help="Warn when general-text "
                                                         "perplexity rises by more than this fraction.")] = 0.1,
     max_new_tokens: MaxNew = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
+    batch_size: BatchSizeOpt = 8,
     limit: LimitOpt = None,
     perplexity: PerplexityOpt = True,
     text: TextOpt = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence for perplexity.")] = 512,
+    max_length: MaxLengthOpt = 512,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt for every model.")] = None,
     refusal: RefusalOpt = None,
     refusal_pattern: RefusalPatternOpt = None,
     dtype: DtypeOpt = "auto",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """The base model and each adapter on the same questions: metrics, wins and losses, forgetting."""
     from lorakit.eval.commands import run_compare_command

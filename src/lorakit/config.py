@@ -215,9 +215,8 @@ class EvalConfig:
         from lorakit.eval.metrics import METRICS
 
         problems = []
-        for key in ("every",):
-            if getattr(self, key) < 0:
-                problems.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if self.every < 0:
+            problems.append(("every", f"must be >= 0, got {self.every}"))
         for key in ("max_examples", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 problems.append((key, f"must be >= 1, got {getattr(self, key)}"))

@@ -55,11 +55,7 @@ def load_demo_data(cfg: Any, limit: int | None, train_sample: int) -> DemoData:
     train = load_eval_set(cfg.data.train, "train")
     keep = [i for i, k in enumerate(train.kinds) if k == "fact"]
     step = max(1, len(keep) // max(1, min(train_sample, limit or train_sample)))
-    keep = keep[::step][: min(train_sample, limit or train_sample)]  # an even sample of the trained facts
-    train.prompts = [train.prompts[i] for i in keep]
-    train.targets = [train.targets[i] for i in keep]
-    train.conversations = [train.conversations[i] for i in keep]
-    train.kinds = [train.kinds[i] for i in keep]
+    train = train.subset(keep[::step][: min(train_sample, limit or train_sample)])  # an even sample of the trained facts
     unanswerable = load_eval_set(folder / "unanswerable.jsonl", "unanswerable", limit)
     general = load_eval_set(folder / "general.jsonl", "general", limit)
     text = (folder / "general_text.txt").read_text(encoding="utf-8")
@@ -100,6 +96,8 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     from lorakit.train.loop import train
 
     console = Console()
+    if limit is not None and limit < 1:
+        raise LorakitError(f"--limit must be >= 1, got {limit}")
     if not Path(config).is_file():
         raise LorakitError(f"demo config {config} not found; run from the lorakit repository root or pass --config")
     cfg = load_config(config, list(overrides or []))

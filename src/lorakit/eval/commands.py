@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from lorakit.errors import LorakitError
 from lorakit.eval.compare import ModelResult, build_comparison, evaluate_model, wins_and_losses
 from lorakit.eval.generate import GenerationSettings, load_for_inference
-from lorakit.eval.metrics import RefusalMatcher, check_metrics
+from lorakit.eval.metrics import DEFAULT_REFUSAL, RefusalMatcher, check_metrics
 from lorakit.eval.runner import EvalSet, load_eval_set
 from lorakit.io import atomic_write_text
 
@@ -40,12 +40,13 @@ class EvalOptions:
             raise LorakitError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise LorakitError(f"--limit must be >= 1, got {self.limit}")
+        if self.max_length < 8:
+            raise LorakitError(f"--max-length must be >= 8, got {self.max_length}")
         if self.text is not None and not self.text.is_file():
             raise LorakitError(f"--text {self.text} is not a file; give a plain-text file for perplexity")
 
     def refusal_matcher(self) -> RefusalMatcher:
-        return RefusalMatcher(self.refusal, self.refusal_patterns) if self.refusal else \
-            RefusalMatcher(patterns=self.refusal_patterns)
+        return RefusalMatcher(self.refusal or [DEFAULT_REFUSAL], self.refusal_patterns)
 
 
 def load_sets(paths: Sequence[Path], limit: int | None) -> list[EvalSet]:

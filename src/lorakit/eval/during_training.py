@@ -15,24 +15,17 @@ import torch
 from torch import nn
 
 from lorakit.eval.generate import GenerationSettings, InferenceModel, generate
-from lorakit.eval.metrics import Target, aggregate, score_example
+from lorakit.eval.metrics import aggregate, score_example
+from lorakit.eval.runner import split_conversation
 
 
 def generation_eval(model: nn.Module, tokenizer: Any, cfg: Any, examples: Sequence[Any]) -> dict[str, Any] | None:
     """{"n", "metrics"} over up to cfg.eval.max_examples eval rows with messages (None when there are none)."""
     rows = [e for e in examples if getattr(e, "messages", None)][: cfg.eval.max_examples]
-    prompts, targets = [], []
-    for e in rows:
-        last = max((i for i, m in enumerate(e.messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            continue
-        meta = getattr(e, "meta", None) or {}
-        prompts.append(e.messages[:last])
-        fact, label = meta.get("fact"), meta.get("label")
-        targets.append(Target(e.messages[last]["content"], None if fact is None else str(fact),
-                              None if label is None else str(label)))
-    if not prompts:
+    splits = [s for e in rows if (s := split_conversation(e.messages, getattr(e, "meta", None) or {}))]
+    if not splits:
         return None
+    prompts, targets = [p for p, _ in splits], [t for _, t in splits]
     im = InferenceModel(model, tokenizer, cfg.data.template, cfg.data.system_prompt)
     was_training = model.training
     model.eval()

@@ -30,11 +30,15 @@ class EvalSet:
     path: str
     prompts: list[list[Message]]
     targets: list[Target]
-    conversations: list[list[Message]] = field(default_factory=list)  # whole rows, for perplexity
     kinds: list[str | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def subset(self, indices: Sequence[int]) -> EvalSet:
+        """The rows at `indices`, in that order."""
+        return EvalSet(self.name, self.path, [self.prompts[i] for i in indices], [self.targets[i] for i in indices],
+                       [self.kinds[i] for i in indices])
 
 
 def load_eval_set(path: str | Path, name: str | None = None, limit: int | None = None) -> EvalSet:
@@ -51,20 +55,27 @@ def load_eval_set(path: str | Path, name: str | None = None, limit: int | None =
     if fmt == "text":
         raise DataError(f"{path} is plain text (a 'text' column); generation metrics need questions with answers. "
                         "Use it for perplexity with --text instead")
-    prompts, targets, convs, kinds = [], [], [], []
+    evalset = EvalSet(name or path.stem, str(path), [], [])
     for row, record in enumerate(records[: limit or None], 1):
         example = to_example(record, fmt, row, path)
         assert isinstance(example, Conversation)
-        messages = example.messages
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
+        split = split_conversation(example.messages, example.meta)
+        if split is None:
             raise DataError(f"{path} row {row}: no assistant answer to compare with; add the reference answer")
-        meta = example.meta
-        prompts.append(messages[:last])
-        targets.append(Target(messages[last]["content"], _opt_str(meta.get("fact")), _opt_str(meta.get("label"))))
-        convs.append(messages[: last + 1])
-        kinds.append(_opt_str(meta.get("kind")))
-    return EvalSet(name or path.stem, str(path), prompts, targets, convs, kinds)
+        prompt, target = split
+        evalset.prompts.append(prompt)
+        evalset.targets.append(target)
+        evalset.kinds.append(_opt_str(example.meta.get("kind")))
+    return evalset
+
+
+def split_conversation(messages: Sequence[Message], meta: dict[str, Any]) -> tuple[list[Message], Target] | None:
+    """(the prompt: messages up to the last assistant turn, the Target: that turn + the row's fact / label)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return None
+    target = Target(messages[last]["content"], _opt_str(meta.get("fact")), _opt_str(meta.get("label")))
+    return list(messages[:last]), target
 
 
 def _opt_str(value: Any) -> str | None:
@@ -88,11 +99,11 @@ def run_eval(
 ) -> dict[str, Any]:
     """Generate an answer per prompt and score it: {"n", "metrics", "examples": [...]}."""
     outputs = generate(im, evalset.prompts, settings, batch_size=batch_size, on_batch=on_batch)
+    refusal = refusal or RefusalMatcher()
     per_example = [score_example(metrics, out, target, refusal) for out, target in zip(outputs, evalset.targets)]
     examples = [
         {"prompt": last_user_text(p), "reference": t.reference, "fact": t.fact, "kind": k, "output": o, "scores": s}
-        for p, t, k, o, s in zip(evalset.prompts, evalset.targets, evalset.kinds or [None] * len(outputs),
-                                 outputs, per_example)
+        for p, t, k, o, s in zip(evalset.prompts, evalset.targets, evalset.kinds, outputs, per_example)
     ]
     return {"path": evalset.path, "n": len(evalset), "metrics": aggregate(metrics, outputs, evalset.targets, per_example),
             "examples": examples}
@@ -107,7 +118,8 @@ def answer_perplexity(im: InferenceModel, evalset: EvalSet, max_length: int = 51
     from lorakit.data.tokenize import tokenize_examples
 
     template = resolve_template(im.template, im.tokenizer)
-    rendered = [render(c, template, im.tokenizer, im.system_prompt) for c in evalset.conversations]
+    rendered = [render([*p, {"role": "assistant", "content": t.reference}], template, im.tokenizer, im.system_prompt)
+                for p, t in zip(evalset.prompts, evalset.targets)]
     items = [x for x in tokenize_examples(rendered, im.tokenizer, max_length) if x.num_trained > 0]
     if not items:
         return None

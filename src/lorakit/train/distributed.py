@@ -170,13 +170,15 @@ def rank_batches(items: Sequence, batch_size: int, pad_id: int, seed: int, epoch
 
 
 def sum_over_ranks(value: T) -> T:
-    """The sum of an int or float over all ranks (the value itself in a single process)."""
+    """The sum of an int or float, or of each of a tuple of them, over all ranks, in one all-reduce
+    (the value itself in a single process)."""
     if not _initialized():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_state["device"])
+    values = value if isinstance(value, tuple) else (value,)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_state["device"])
     torch.distributed.all_reduce(t)
-    total = float(t.item())
-    return int(round(total)) if isinstance(value, int) else total  # type: ignore[return-value]
+    totals = tuple(int(round(x)) if isinstance(v, int) else x for v, x in zip(values, t.tolist()))
+    return totals if isinstance(value, tuple) else totals[0]  # type: ignore[return-value]
 
 
 def agree(value: int, what: str, fix: str) -> None:

@@ -319,8 +319,8 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             micro = [to_device(stream.next(), device) for _ in range(tc.grad_accum)]
             loss, grad_norm = train_step(model, loss_fn, micro, optimizer, tc.max_grad_norm, amp, step + 1)
             step += 1
-            step_tokens = dist.sum_over_ranks(sum(real_count(b) for b in micro))  # all ranks' tokens
-            step_trained = dist.sum_over_ranks(sum(trained_count(b) for b in micro))
+            step_tokens, step_trained = dist.sum_over_ranks(  # all ranks' tokens, one all-reduce
+                (sum(real_count(b) for b in micro), sum(trained_count(b) for b in micro)))
             tokens += step_tokens
             trained_tokens += step_trained
             window_tokens += step_tokens
