@@ -148,6 +148,8 @@ class TrainConfig:
     """auto = bf16 autocast where the device supports it fast, else fp32."""
     gradient_checkpointing: bool = False
     compile: bool = False
+    fused_mlp: bool = True
+    """LoRA: run Llama-style SwiGLU MLPs as one autograd Function that keeps less for backward (same results)."""
     device: str = "auto"
     log_every: int = 10
     eval_every: int = 0

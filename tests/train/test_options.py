@@ -39,6 +39,25 @@ def test_gradient_checkpointing_gives_the_same_losses(workspace: Path) -> None:
     assert ckpt.eval_loss == pytest.approx(plain.eval_loss, rel=1e-5)
 
 
+def test_fused_mlp_gives_the_same_losses(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout on: the fused MLP draws the same masks in the same order as the unfused one."""
+    import json
+
+    from lorakit.adapters import fused_mlp
+
+    calls: list[int] = []
+    apply = fused_mlp._SwiGLULoRA.apply
+    monkeypatch.setattr(fused_mlp._SwiGLULoRA, "apply", lambda *a: calls.append(1) or apply(*a))
+    unfused = run(workspace, "unfused", "adapter.dropout=0.1", "train.fused_mlp=false")
+    assert not calls
+    fused = run(workspace, "fused", "adapter.dropout=0.1")
+    assert len(calls) > 2 * 6  # more than the install probes: every training step
+    assert fused.losses == pytest.approx(unfused.losses, rel=1e-5)
+    assert fused.eval_loss == pytest.approx(unfused.eval_loss, rel=1e-5)
+    start = json.loads((workspace / "fused" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["fused_mlps"] == 2
+
+
 def test_gradient_accumulation_equals_the_bigger_batch() -> None:
     """2 micro-batches of 2 rows = 1 batch of 4 rows: same loss, same update (loss averaged over all tokens)."""
     import copy

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit import __version__
+from lorakit.adapters.fused_mlp import fuse_lora_mlps
 from lorakit.adapters.inject import lora_layers, parameter_summary
 from lorakit.adapters.setup import prepare_model
 from lorakit.adapters.state import save_adapter
@@ -269,6 +270,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused_mlps = fuse_lora_mlps(model) if cfg.adapter.method == "lora" and tc.fused_mlp else []
     if tc.compile:
         _compile_layers(model)
     model.train()
@@ -303,7 +305,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     if log and step == 0:
         log.write("start", step=0, total_steps=total_steps, examples=len(data.train), eval_examples=len(data.eval),
                   sequences=len(train_items), trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  adapted_modules=len(adapted), device=str(device), precision=str(amp_dtype or "fp32"),
+                  adapted_modules=len(adapted), fused_mlps=len(fused_mlps), device=str(device), precision=str(amp_dtype or "fp32"),
                   world_size=dist.world_size(), strategy=cfg.distributed.strategy if dist.launched() else None,
                   real_token_fraction=data.stats.real_token_fraction if hasattr(data.stats, "real_token_fraction") else None)
 
