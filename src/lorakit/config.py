@@ -109,6 +109,9 @@ class DataConfig:
     system_prompt: str | None = None
     max_length: int = 512
     packing: bool = True
+    share_prefix: bool = True
+    """With packing: the token prefix every example starts with (e.g. the system turn) is put
+    once per packed row and attended to by each example in it. Exact, and faster."""
     eval_ratio: float = 0.1
     test_ratio: float = 0.0
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorakit.data import (IGNORE, PackedSequence, TokenizedExample, make_batches, pack_examples,
-                          real_token_fraction, render, tokenize_examples)
+                          real_token_fraction, render, shared_prefix_length, tokenize_examples)
 from tests.conftest import tiny_lm_for, tiny_tokenizer
 from tests.data.conftest import chat_rows
 
@@ -131,3 +131,123 @@ def test_make_batches_of_packed_sequences_types() -> None:
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (2, 3)
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]  # padding is its own segment
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, 9, IGNORE]]
+
+
+# ----------------------------------------------------------------------------- shared prefix
+
+SYSTEM = "You answer questions about the fictional ferry cooperative from its handbook only, and nothing else."
+
+
+def prefixed_examples(n: int = 12, system: str | None = SYSTEM) -> list[TokenizedExample]:
+    rows = chat_rows(n)
+    rendered = [render([{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}],
+                       "chatml", TOK, system) for r in rows]
+    return tokenize_examples(rendered, TOK, MAX + 64)
+
+
+def test_shared_prefix_length_is_the_untrained_common_start() -> None:
+    exs = prefixed_examples()
+    n = shared_prefix_length(exs)
+    assert n >= 16
+    assert all(e.input_ids[:n] == exs[0].input_ids[:n] for e in exs)
+    assert len({e.input_ids[n] for e in exs}) > 1 or len({e.input_ids[n + 1] for e in exs}) > 1
+    assert all(x == IGNORE for e in exs for x in e.labels[: n + 1])
+    assert shared_prefix_length(prefixed_examples(system=None)) == 0  # "<|im_start|>user\n" is too short to share
+    assert shared_prefix_length(exs[:1]) == 0
+
+
+def test_shared_prefix_stops_before_a_trained_token() -> None:
+    exs = prefixed_examples(4)
+    n = shared_prefix_length(exs)
+    exs[2].labels[n - 3] = exs[2].input_ids[n - 3]  # pretend a token inside the prefix is trained
+    assert shared_prefix_length(exs, minimum=4) == n - 4
+    assert shared_prefix_length(exs, minimum=n) == 0
+
+
+def test_shared_prefix_rows_hold_the_prefix_once_and_every_example_whole() -> None:
+    exs = prefixed_examples(24)
+    n = shared_prefix_length(exs)
+    packed = pack_examples(exs, MAX + 64, seed=0, shared_prefix=n)
+    plain = pack_examples(exs, MAX + 64, seed=0)
+    assert sum(len(p.input_ids) for p in packed) < sum(len(p.input_ids) for p in plain)
+    pieces = Counter()
+    for p in packed:
+        assert len(p.input_ids) <= MAX + 64 and p.segment_ids[:n] == [0] * n
+        assert p.input_ids[:n] == exs[0].input_ids[:n] and p.position_ids[:n] == list(range(n))
+        for k in range(1, p.num_examples + 1):
+            idx = [i for i, s in enumerate(p.segment_ids) if s == k]
+            assert [p.position_ids[i] for i in idx] == list(range(n, n + len(idx)))
+            pieces[tuple(p.input_ids[:n] + [p.input_ids[i] for i in idx])] += 1
+            assert p.labels[idx[0]] == IGNORE
+    assert pieces == Counter(tuple(e.input_ids) for e in exs)
+    assert sum(int(x != IGNORE) for p in packed for x in p.labels[1:]) == sum(e.num_trained for e in exs)
+
+
+def _alone(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_examples_compute_what_they_compute_alone(attn: str) -> None:
+    """Every example in a shared-prefix row (batched, with padding) gets its lone logits."""
+    from lorakit.train.loop import additive_mask, prefix_mask_form
+
+    model = tiny_lm_for(TOK)
+    model.config._attn_implementation = attn
+    form = prefix_mask_form(model, torch.device("cpu"))
+    assert form == ("bool" if attn == "sdpa" else "float")
+    exs = prefixed_examples(12)
+    n = shared_prefix_length(exs)
+    packed = pack_examples(exs, MAX + 64, seed=0, shared_prefix=n)
+    batches = make_batches(packed, batch_size=3, pad_id=PAD, seed=0, epoch=0)
+    assert max(p.num_examples for p in packed) > 1 and any((b["input_ids"] == PAD).any() for b in batches)
+    worst = 0.0
+    for batch in batches:
+        mask = batch["attention_mask"]
+        assert mask.shape == (len(batch["input_ids"]), 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+        mask = mask if form == "bool" else additive_mask(mask, torch.float32)
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                       use_cache=False).logits
+        for row, item in enumerate(packed_rows(packed, batch)):
+            for k in range(1, item.num_examples + 1):
+                idx = [i for i, s in enumerate(item.segment_ids) if s == k]
+                alone = _alone(model, item.input_ids[:n] + [item.input_ids[i] for i in idx])
+                worst = max(worst, float((logits[row, idx] - alone[n:]).abs().max()))
+                worst = max(worst, float((logits[row, :n] - alone[:n]).abs().max()))
+    assert worst < 1e-5
+
+
+def packed_rows(packed: list[PackedSequence], batch: dict) -> list[PackedSequence]:
+    """The packed sequences a batch holds, found by their token ids."""
+    out = []
+    for row in batch["input_ids"].tolist():
+        out.append(next(p for p in packed if row[: len(p.input_ids)] == p.input_ids))
+    return out
+
+
+def test_shared_prefix_gives_the_gradient_of_the_examples_alone() -> None:
+    """Loss sum and every parameter's gradient equal those of the examples run one by one."""
+    from lorakit.train.loss import full_loss_sum
+
+    model = tiny_lm_for(TOK)
+    exs = prefixed_examples(6)
+    n = shared_prefix_length(exs)
+    packed = pack_examples(exs, 10_000, seed=0, shared_prefix=n)
+    assert len(packed) == 1 and packed[0].num_examples == 6
+    batch = make_batches(packed, 1, PAD, 0, 0, shuffle=False)[0]
+    model.zero_grad()
+    loss, count = full_loss_sum(model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    total, total_count = 0.0, 0
+    for e in exs:
+        one = make_batches([e], 1, PAD, 0, 0, shuffle=False)[0]
+        part, c = full_loss_sum(model, one)
+        part.backward()
+        total, total_count = total + float(part.detach()), total_count + c
+    assert count == total_count
+    assert abs(float(loss) - total) < 1e-4 * abs(total)
+    for k, p in model.named_parameters():
+        assert float((grads[k] - p.grad).abs().max()) <= 1e-5 * float(p.grad.abs().max()), k  # fp32 summation order

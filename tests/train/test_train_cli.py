@@ -85,6 +85,26 @@ def test_train_writes_the_run_directory_and_loss_falls(workspace: Path) -> None:
     assert "Traceback" not in proc.stderr and (run / "metrics.jsonl").read_text() == before
 
 
+def test_shared_prefix_packing_trains_the_same_first_step(workspace: Path) -> None:
+    """One batch holding every example: the same loss and gradient norm with and without sharing."""
+    system = "You are the handbook assistant of a fictional colour and animal club; answer from its rules only."
+    logs = {}
+    for share in (True, False):
+        path = write_config(workspace, f"share-{share}", max_steps=1, batch_size=64, eval_every=0, save_every=0)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["adapter"]["dropout"] = 0.0
+        cfg["data"].update(system_prompt=system, share_prefix=share, max_length=256)
+        path.write_text(yaml.safe_dump(cfg))
+        proc = run_cli("train", str(path))
+        assert proc.returncode == 0, proc.stderr
+        assert ("shared prefix:" in proc.stdout) == share, proc.stdout
+        events = [json.loads(line) for line in (workspace / f"share-{share}" / "metrics.jsonl").read_text().splitlines()]
+        logs[share] = next(e for e in events if e["event"] == "train")
+    assert logs[True]["tokens"] < 0.6 * logs[False]["tokens"]  # the system turn is processed once per row
+    assert abs(logs[True]["loss"] - logs[False]["loss"]) < 1e-5 * logs[False]["loss"]
+    assert abs(logs[True]["grad_norm"] - logs[False]["grad_norm"]) < 1e-4 * logs[False]["grad_norm"]
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(workspace: Path) -> None:
     steps = 60
     ref = run_cli("train", str(write_config(workspace, "full", max_steps=steps, save_every=5, eval_every=0)))

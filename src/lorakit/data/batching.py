@@ -14,6 +14,9 @@ Padding differs by kind:
   it positions 0, 1, 2, ..., which the model reads as a new segment: real tokens never
   attend to it (it comes after them and is another segment), every padding row attends
   at least to itself (no all-masked rows, no NaN), and its labels are -100.
+- Packed sequences with a shared prefix (`PackedSequence.segment_ids`) get a 4D boolean
+  `attention_mask` (B, 1, T, T), True where attention is allowed: causal, within one
+  example or into the row's prefix. Padding attends only to itself.
 """
 
 from __future__ import annotations
@@ -89,4 +92,20 @@ def _collate(rows: list[Item], pad_id: int, packed: bool) -> dict[str, torch.Ten
              "num_real": mask.sum()}  # () tokens that are not padding, for throughput figures
     if not packed:
         batch["attention_mask"] = mask
+    elif any(getattr(r, "segment_ids", None) is not None for r in rows):
+        batch["attention_mask"] = _prefix_block_mask(rows, width)
     return batch
+
+
+def _prefix_block_mask(rows: list[Item], width: int) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal, and within one segment or into segment 0 (the shared prefix)."""
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)  # (B, T); padding below
+    for b, r in enumerate(rows):
+        ids = getattr(r, "segment_ids", None)
+        seg[b, : len(r.input_ids)] = torch.tensor(ids if ids is not None else [1] * len(r.input_ids))
+    pad = seg < 0
+    seg = torch.where(pad, -1 - torch.arange(width).expand_as(seg), seg)  # each padding token its own segment
+    same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
+    into_prefix = (seg[:, None, :] == 0) & ~pad[:, :, None]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    return ((same | into_prefix) & causal)[:, None]

@@ -87,6 +87,10 @@ def _print_findings(stats: DataStats, cfg: DataConfig, console: Console) -> None
            "the model may not learn to stop)" if stats.missing_eos else ""))
     if stats.real_token_fraction is not None:
         say(f"packing: {stats.real_token_fraction:.1%} of packed train rows are real tokens")
+        if stats.shared_prefix:
+            say(f"shared prefix: the first {stats.shared_prefix} tokens of every example are stored once per "
+                f"packed row; an epoch processes {stats.packed_tokens:,} tokens instead of "
+                f"{stats.tokens.get('train', 0):,}")
     else:
         say("packing: off (data.packing: false)")
 

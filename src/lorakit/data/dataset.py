@@ -16,7 +16,7 @@ import numpy as np
 
 from lorakit.config import DataConfig
 from lorakit.data.formats import detect_format, load_records, record_meta, to_example
-from lorakit.data.packing import pack_examples, real_token_fraction
+from lorakit.data.packing import pack_examples, real_token_fraction, shared_prefix_length
 from lorakit.data.templates import render, resolve_template
 from lorakit.data.tokenize import TokenizedExample, tokenize_examples
 from lorakit.errors import DataError, LorakitError
@@ -40,6 +40,10 @@ class DataStats:
     max_length: int = 0
     real_token_fraction: float | None = None
     """Fill of the packed train rows (when packing is on)."""
+    shared_prefix: int = 0
+    """Tokens every train example starts with, stored once per packed row (data.share_prefix)."""
+    packed_tokens: int | None = None
+    """Tokens in the packed train rows: what one epoch processes (when packing is on)."""
     problems: list[str] = field(default_factory=list)
     """The first few error lines, each naming a file and row."""
 
@@ -82,8 +86,10 @@ def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBun
         stats.tokens[name] = sum(len(x.input_ids) for x in examples)
         stats.trained_tokens[name] = sum(x.num_trained for x in examples)
     if cfg.packing:
-        stats.real_token_fraction = real_token_fraction(pack_examples(splits["train"], cfg.max_length, seed),
-                                                        cfg.max_length)
+        stats.shared_prefix = shared_prefix_length(splits["train"]) if cfg.share_prefix else 0
+        packed = pack_examples(splits["train"], cfg.max_length, seed, stats.shared_prefix)
+        stats.real_token_fraction = real_token_fraction(packed, cfg.max_length)
+        stats.packed_tokens = sum(len(p.input_ids) for p in packed)
     return DataBundle(splits["train"], splits["eval"], splits["test"], stats)
 
 

@@ -199,6 +199,66 @@ def packing_works(model: nn.Module, device: torch.device) -> bool:
     return err <= 1e-4 * max(scale, 1e-6) or err < 0.1 * err_crossing
 
 
+@torch.no_grad()
+def prefix_mask_form(model: nn.Module, device: torch.device) -> str | None:
+    """How `model` takes the shared-prefix 4D mask: "bool", "float" (additive) or None (not at all).
+
+    Two examples share a 4-token prefix in one row; each must give the logits it gives
+    alone. SDPA models take the boolean mask as is; eager attention adds the mask to the
+    scores, so it needs the additive form; some kernels (flash-attention 2) take no 4D mask.
+    """
+    from lorakit.data.batching import make_batches
+    from lorakit.data.packing import PackedSequence
+
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    p, a, b = (torch.randint(0, vocab, (n,), generator=g).tolist() for n in (4, 3, 5))
+    row = PackedSequence(p + a + b, [-100] * 12, list(range(4)) + list(range(4, 7)) + list(range(4, 9)), 2,
+                         [0] * 4 + [1] * 3 + [2] * 5)
+    batch = to_device(make_batches([row], 1, 0, 0, 0, shuffle=False)[0], device)
+    was_training = model.training
+    model.eval()
+    try:
+        alone = [model(input_ids=torch.tensor([p + x], device=device), use_cache=False).logits.float()[0, 4:]
+                 for x in (a, b)]
+        expected = torch.cat(alone)  # (8, V)
+        scale = float(expected.abs().mean())
+        for form in ("bool", "float"):
+            mask = batch["attention_mask"] if form == "bool" else additive_mask(batch["attention_mask"], _dtype_of(model))
+            try:
+                got = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                            use_cache=False).logits.float()[0, 4:]
+            except (RuntimeError, ValueError, TypeError):
+                continue
+            if float((got - expected).abs().mean()) <= 1e-3 * max(scale, 1e-6):
+                return form
+    finally:
+        model.train(was_training)
+    return None
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as the additive form: 0 where allowed, the dtype's min elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    weight = model.get_input_embeddings().weight
+    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
+def with_additive_masks(loss_fn: LossFn, dtype: torch.dtype) -> LossFn:
+    """`loss_fn` for a model that needs additive 4D masks: converts boolean ones on the way in."""
+
+    def wrapped(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
+            batch = {**batch, "attention_mask": additive_mask(mask, dtype)}
+        return loss_fn(model, batch)
+
+    return wrapped
+
+
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
     holds_run = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
     if holds_run and not resume:
@@ -225,7 +285,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     """Run the training described by `cfg`; writes the run directory under cfg.output_dir."""
     from rich.console import Console
 
-    from lorakit.data import build_datasets, pack_examples
+    from lorakit.data import build_datasets, pack_examples, shared_prefix_length
 
     console = console or Console(quiet=quiet or not dist.is_main())
     run_dir = Path(cfg.output_dir)
@@ -251,8 +311,18 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
         raise LorakitError(
             f"{type(model).__name__} does not isolate packed sequences by position_ids; set data.packing: false"
         )
-    train_items = pack_examples(data.train, cfg.data.max_length, cfg.seed) if cfg.data.packing else data.train
-    eval_items = pack_examples(data.eval, cfg.data.max_length, cfg.seed) if cfg.data.packing else data.eval
+    prefix, mask_form = data.stats.shared_prefix if cfg.data.packing else 0, None
+    if prefix:
+        mask_form = prefix_mask_form(model, device)
+        if mask_form is None:
+            console.print(f"{type(model).__name__} takes no 4D attention mask here; packing without the shared prefix")
+            prefix = 0
+        else:
+            console.print(f"shared prefix: {prefix} tokens once per packed row; an epoch processes "
+                          f"{data.stats.packed_tokens:,} tokens instead of {data.stats.tokens.get('train', 0):,}")
+    train_items = pack_examples(data.train, cfg.data.max_length, cfg.seed, prefix) if cfg.data.packing else data.train
+    eval_items = (pack_examples(data.eval, cfg.data.max_length, cfg.seed, shared_prefix_length(data.eval) if prefix else 0)
+                  if cfg.data.packing else data.eval)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     from lorakit.data import make_batches
 
@@ -264,7 +334,11 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     steps_per_epoch = max(1, math.ceil(len(stream) / tc.grad_accum))
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     probe = to_device(make_batches(train_items[:2], 2, pad_id, cfg.seed, 0, shuffle=False)[0], device)
+    if mask_form == "float":
+        probe["attention_mask"] = additive_mask(probe["attention_mask"], _dtype_of(model))
     loss_fn: LossFn = fast_loss_sum if check_fast_loss(model, probe) else full_loss_sum
+    if mask_form == "float":
+        loss_fn = with_additive_masks(loss_fn, _dtype_of(model))
     if tc.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
