@@ -71,7 +71,7 @@ def run_lorakit(args: argparse.Namespace) -> dict:
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.lr=2e-4",
         f"train.precision={args.precision}", "train.log_every=1", "train.warmup_ratio=0", f"output_dir={out}/run",
         f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
-        f"data.share_prefix={str(args.share_prefix).lower()}",
+        f"data.share_prefix={str(args.share_prefix).lower()}", f"train.fused_mlp={str(args.fused_mlp).lower()}",
     ]
     result = train(load_config(None, overrides), quiet=True)
     events = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -155,6 +155,8 @@ def main() -> None:
     p.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="lorakit's shared-prefix packing (the chat template's system turn once per row); "
                         "TRL has no equivalent")
+    p.add_argument("--fused-mlp", action=argparse.BooleanOptionalAction, default=True,
+                   help="lorakit's fused LoRA SwiGLU MLP (train.fused_mlp)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--child", choices=["lorakit", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -175,7 +177,8 @@ def main() -> None:
                    "--max-length", str(args.max_length), "--precision", args.precision,
                    "--packing" if args.packing else "--no-packing",
                    "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
-                   "--share-prefix" if args.share_prefix else "--no-share-prefix"]
+                   "--share-prefix" if args.share_prefix else "--no-share-prefix",
+                   "--fused-mlp" if args.fused_mlp else "--no-fused-mlp"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -199,7 +202,7 @@ def main() -> None:
         "",
         f"LoRA r=16 alpha=32 all-linear, batch {args.batch_size} x max_length {args.max_length}, {args.steps} steps "
         f"(first {args.skip} untimed), {args.precision}, packing={args.packing}, "
-        f"gradient checkpointing={args.gradient_checkpointing} (both tools), lorakit shared prefix={args.share_prefix}, "
+        f"gradient checkpointing={args.gradient_checkpointing} (both tools), lorakit shared prefix={args.share_prefix}, fused MLP={args.fused_mlp}, "
         f"{args.examples} examples, "
         f"median of {args.repeats} alternating runs, CPU threads: {__import__('torch').get_num_threads()}.",
         "",
@@ -211,7 +214,8 @@ def main() -> None:
                      f"{med(t, 'final_loss'):.3f} |")
     lines += ["", f"**Ratios (lorakit / PEFT+TRL):** tokens/s {tps['lorakit'] / tps['peft']:.2f}x, "
               f"peak RSS {rss['lorakit'] / rss['peft']:.2f}x", ""]
-    gc = ("-gc" if args.gradient_checkpointing else "") + ("" if args.share_prefix else "-noshare")
+    gc = ("-gc" if args.gradient_checkpointing else "") + ("" if args.share_prefix else "-noshare") + \
+        ("" if args.fused_mlp else "-nofused")
     out = Path(__file__).parent / "results" / f"train_vs_peft-{Path(args.model).name}-{args.precision}{gc}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines))
