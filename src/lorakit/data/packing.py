@@ -17,8 +17,8 @@ and to itself (a 4D block mask built in `batching.py`), with positions continuin
 prefix, so every example computes exactly what it computes alone; the prefix's forward and
 backward are done once per row instead of once per example. Gradients are the same sum:
 the prefix's activations receive the gradient of every example that attends to them. On
-the handbook demo (a 45-token system prompt, 83 tokens per example) this cuts the tokens a
-training epoch processes by 2.4x.
+the handbook demo (a 53-token system turn, 82 tokens per example) an epoch processes 14,671
+tokens instead of 32,638 at max_length 256.
 """
 
 from __future__ import annotations
