@@ -93,9 +93,7 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     from lorakit.eval.generate import GenerationSettings, load_for_inference
     from lorakit.eval.report import write_report
     from lorakit.io import atomic_write_text
-    import torch
-
-    from lorakit.models.load import resolve_dtype
+    from lorakit.models.load import DTYPES, resolve_dtype
     from lorakit.train.loop import train
 
     console = Console()
@@ -143,7 +141,7 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
 
         # In the dtype the adapter was trained and evaluated in: a bf16 copy of an fp32-trained
         # model is another model (on this demo, logits up to 2.1 apart, top-1 agreement 95.8%).
-        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(cfg.model.dtype)]
+        dtype = next(name for name, t in DTYPES.items() if t == resolve_dtype(cfg.model.dtype))
         console.rule("merge")
         try:
             merged = merge_adapters([AdapterRef(run_dir / "adapter")], run_dir / "merged", cfg.model.name, dtype=dtype)

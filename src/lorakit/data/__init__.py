@@ -18,6 +18,6 @@ from lorakit.data.tokenize import IGNORE, TokenizedExample, tokenize_example, to
 __all__ = [
     "IGNORE", "Conversation", "DataBundle", "DataStats", "PackedSequence", "Rendered", "TokenizedExample",
     "build_datasets", "detect_format", "end_of_turn", "load_records", "make_batches", "pack_examples",
-    "real_token_fraction", "render", "shared_prefix_length", "render_prompt", "resolve_template", "to_example", "tokenize_example",
-    "tokenize_examples",
+    "real_token_fraction", "render", "render_prompt", "resolve_template", "shared_prefix_length", "to_example",
+    "tokenize_example", "tokenize_examples",
 ]

@@ -92,7 +92,7 @@ def _collate(rows: list[Item], pad_id: int, packed: bool) -> dict[str, torch.Ten
              "num_real": mask.sum()}  # () tokens that are not padding, for throughput figures
     if not packed:
         batch["attention_mask"] = mask
-    elif any(getattr(r, "segment_ids", None) is not None for r in rows):
+    elif rows[0].segment_ids is not None:  # one pack_examples call: all rows share a prefix or none do
         batch["attention_mask"] = _prefix_block_mask(rows, width)
     return batch
 
@@ -101,8 +101,7 @@ def _prefix_block_mask(rows: list[Item], width: int) -> torch.Tensor:
     """(B, 1, T, T) bool: causal, and within one segment or into segment 0 (the shared prefix)."""
     seg = torch.full((len(rows), width), -1, dtype=torch.long)  # (B, T); padding below
     for b, r in enumerate(rows):
-        ids = getattr(r, "segment_ids", None)
-        seg[b, : len(r.input_ids)] = torch.tensor(ids if ids is not None else [1] * len(r.input_ids))
+        seg[b, : len(r.input_ids)] = torch.tensor(r.segment_ids)
     pad = seg < 0
     seg = torch.where(pad, -1 - torch.arange(width).expand_as(seg), seg)  # each padding token its own segment
     same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)

@@ -193,10 +193,14 @@ def packing_works(model: nn.Module, device: torch.device) -> bool:
         )
     finally:
         model.train(was_training)
-    err = float((together - alone)[:, 5:].abs().mean())
-    err_crossing = float((crossing - alone)[:, 5:].abs().mean())
-    scale = float(alone.abs().mean())
-    return err <= 1e-4 * max(scale, 1e-6) or err < 0.1 * err_crossing
+    return _isolates(together[0, 5:], crossing[0, 5:], alone[0, 5:])
+
+
+def _isolates(got: torch.Tensor, crossing: torch.Tensor, alone: torch.Tensor) -> bool:
+    """`got` (a packed run) matches `alone`, measured against `crossing` (the pack without isolation)."""
+    err = float((got - alone).abs().mean())
+    err_crossing = float((crossing - alone).abs().mean())
+    return err <= 1e-4 * max(float(alone.abs().mean()), 1e-6) or err < 0.1 * err_crossing
 
 
 @torch.no_grad()
@@ -204,8 +208,9 @@ def prefix_mask_form(model: nn.Module, device: torch.device) -> str | None:
     """How `model` takes the shared-prefix 4D mask: "bool", "float" (additive) or None (not at all).
 
     Two examples share a 4-token prefix in one row; each must give the logits it gives
-    alone. SDPA models take the boolean mask as is; eager attention adds the mask to the
-    scores, so it needs the additive form; some kernels (flash-attention 2) take no 4D mask.
+    alone (by `packing_works`' yardstick). SDPA models take the boolean mask as is; eager
+    attention adds the mask to the scores, so it needs the additive form; some kernels
+    (flash-attention 2) take no 4D mask.
     """
     from lorakit.data.batching import make_batches
     from lorakit.data.packing import PackedSequence
@@ -222,7 +227,7 @@ def prefix_mask_form(model: nn.Module, device: torch.device) -> str | None:
         alone = [model(input_ids=torch.tensor([p + x], device=device), use_cache=False).logits.float()[0, 4:]
                  for x in (a, b)]
         expected = torch.cat(alone)  # (8, V)
-        scale = float(expected.abs().mean())
+        crossing = model(input_ids=batch["input_ids"], use_cache=False).logits.float()[0, 4:]  # b sees a
         for form in ("bool", "float"):
             mask = batch["attention_mask"] if form == "bool" else additive_mask(batch["attention_mask"], _dtype_of(model))
             try:
@@ -230,7 +235,7 @@ def prefix_mask_form(model: nn.Module, device: torch.device) -> str | None:
                             use_cache=False).logits.float()[0, 4:]
             except (RuntimeError, ValueError, TypeError):
                 continue
-            if float((got - expected).abs().mean()) <= 1e-3 * max(scale, 1e-6):
+            if _isolates(got, crossing, expected):
                 return form
     finally:
         model.train(was_training)
@@ -317,10 +322,10 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
         if mask_form is None:
             console.print(f"{type(model).__name__} takes no 4D attention mask here; packing without the shared prefix")
             prefix = 0
-        else:
-            console.print(f"shared prefix: {prefix} tokens once per packed row; an epoch processes "
-                          f"{data.stats.packed_tokens:,} tokens instead of {data.stats.tokens.get('train', 0):,}")
     train_items = pack_examples(data.train, cfg.data.max_length, cfg.seed, prefix) if cfg.data.packing else data.train
+    if prefix:
+        console.print(f"shared prefix: {prefix} tokens once per packed row; an epoch processes "
+                      f"{sum(len(p.input_ids) for p in train_items):,} tokens instead of {data.stats.tokens['train']:,}")
     eval_items = (pack_examples(data.eval, cfg.data.max_length, cfg.seed, shared_prefix_length(data.eval) if prefix else 0)
                   if cfg.data.packing else data.eval)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
