@@ -153,6 +153,9 @@ class TrainConfig:
     compile: bool = False
     fused_mlp: bool = True
     """LoRA: run Llama-style SwiGLU MLPs as one autograd Function that keeps less for backward (same results)."""
+    cache_frozen: bool = True
+    """Adapters on the upper blocks only: keep the output of the frozen blocks below from the first epoch and
+    replay it after, instead of recomputing it (same results; single process)."""
     device: str = "auto"
     log_every: int = 10
     eval_every: int = 0

@@ -124,3 +124,33 @@ def test_a_shared_system_prompt_is_run_once_and_changes_nothing(arch: str, monke
     plain = generate(im, prompts, settings, batch_size=3)
     single = [generate(im, [p], settings, batch_size=1)[0] for p in prompts]
     assert shared == plain == single and any(shared)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decoding_equals_transformers_generate_and_finished_rows_leave_the_batch(
+        arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorakit.eval.generate as gen
+
+    tok = tiny_tokenizer()
+    model = tiny_lm_for(tok, arch).eval()
+    im = InferenceModel(model, tok, "auto", "you are a careful assistant. answer in one short line.")
+    prompts = ["hello world", "what is the capital of france? tell me more please", "fox", "the quick brown fox jumps"]
+
+    def reference(prompt: str, eos: list[int] | None) -> list[int]:  # transformers' generate, one prompt at a time
+        enc = tok(prompt_text(prompt, im), return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             eos_token_id=eos, pad_token_id=tok.pad_token_id or 0)
+        return out[0, enc["input_ids"].shape[1]:].tolist()
+
+    first = reference(prompts[0], None)
+    stop = first[2]  # an end token the first prompt reaches at its third step: that row finishes early
+    refs = [reference(p, [stop]) for p in prompts]
+    monkeypatch.setattr(gen, "stop_token_ids", lambda im: [stop])
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    ours = generate(im, prompts, GenerationSettings(max_new_tokens=12), batch_size=4)
+    hook.remove()
+    want = [tok.decode([t for t in r if t != stop], skip_special_tokens=True).strip() for r in refs]
+    assert ours == want
+    assert len(set(map(len, refs))) > 1 and min(map(len, refs)) < 12  # some rows ended before others
+    assert widths[-1] < 4 and sorted(widths[1:], reverse=True) == widths[1:]  # and left the batch

@@ -160,3 +160,56 @@ def test_packing_probe_accepts_isolating_models_and_rejects_leaky_ones() -> None
             return self.inner(input_ids=input_ids, use_cache=use_cache)
 
     assert not packing_works(Leaky(), cpu)
+
+
+def test_frozen_lower_blocks_are_replayed_with_the_same_results(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA on block 1 only: block 0's output is recorded in epoch 1 and replayed after, same losses."""
+    import json
+
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    calls: list[int] = []
+    forward = LlamaDecoderLayer.forward
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    upper = r"adapter.target_modules=['model\.layers\.1\.(self_attn|mlp)\.\w+_proj']"
+    steps = ["train.max_steps=0", "train.epochs=3", "train.batch_size=2"]  # packed rows: several per epoch
+    plain = run(workspace, "unreplayed", upper, *steps, "train.cache_frozen=false")
+    plain_calls, calls[:] = len(calls), []
+    replayed = run(workspace, "replayed", upper, *steps)
+    assert replayed.frozen_replays > 0 and plain.frozen_replays == 0
+    assert len(calls) < plain_calls  # block 0 was skipped in epochs 2 and 3
+    assert replayed.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert replayed.eval_loss == pytest.approx(plain.eval_loss, rel=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(workspace / "unreplayed" / "adapter" / "adapter_model.safetensors")
+    b = load_file(workspace / "replayed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    summary = json.loads((workspace / "replayed" / "eval.json").read_text())
+    assert summary["frozen_block_replays"] == replayed.frozen_replays
+
+
+def test_frozen_blocks_are_not_replayed_where_it_would_change_the_result() -> None:
+    """All blocks adapted, a trainable embedding (prompt tuning), or dropout below: no cache."""
+    from lorakit.adapters import inject_lora
+    from lorakit.train.frozen_cache import frozen_block_cache
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject_lora(model, [r"model\.layers\.1\.mlp\.\w+_proj"], r=4, alpha=8)
+    cache = frozen_block_cache(model)
+    assert cache is not None and cache.k == 1
+    cache.remove()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    assert frozen_block_cache(model) is None
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.model.layers[0].self_attn.attention_dropout = 0.1
+    assert frozen_block_cache(model) is None
+    everywhere = tiny_model("llama")
+    for p in everywhere.parameters():
+        p.requires_grad_(False)
+    inject_lora(everywhere, ["all-linear"], r=4, alpha=8)
+    assert frozen_block_cache(everywhere) is None

@@ -31,6 +31,7 @@ from lorakit.memory import peak_rss_mb, rss_mb
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.frozen_cache import frozen_block_cache
 from lorakit.train.log import MetricsLog, progress_bar
 from lorakit.train.loss import IGNORE, LossFn, check_fast_loss, fast_loss_sum, full_loss_sum
 from lorakit.train.optim import build_optimizer, lr_at, set_lr
@@ -46,6 +47,7 @@ class TrainResult:
     trained_tokens: int = 0
     elapsed: float = 0.0
     peak_rss_mb: float | None = None
+    frozen_replays: int = 0  # batches whose frozen lower blocks were replayed, not recomputed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -354,6 +356,10 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
         _compile_layers(model)
     model.train()
     loss_fn = dist.parallelize(model, loss_fn, cfg.distributed, device, amp_dtype, tc.optimizer)  # DDP / FSDP2
+    frozen = frozen_block_cache(model) if tc.cache_frozen and not tc.compile and dist.world_size() == 1 else None
+    if frozen is not None:
+        loss_fn = frozen.wrap(loss_fn)
+        console.print(f"blocks 0-{frozen.k - 1} have no adapter: their output is kept from the first epoch and replayed after")
     dist.seed_ranks(cfg.seed)
     optimizer = build_optimizer(model, tc, device)
 
@@ -429,6 +435,9 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
                 save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
 
     best_eval, final_eval = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
+    if frozen is not None:
+        result.frozen_replays = frozen.hits
+        frozen.remove()  # the model is an ordinary model again
     if cfg.eval.every:
         _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
     result.eval_loss, result.tokens, result.trained_tokens = final_eval, tokens, trained_tokens
@@ -445,6 +454,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             "train_loss_last": result.losses[-1] if result.losses else None, "tokens": tokens,
             "trained_tokens": trained_tokens, "elapsed_s": round(result.elapsed, 2),
             "trained_tokens_per_s": round(trained_tokens / max(result.elapsed, 1e-9), 2), "peak_rss_mb": result.peak_rss_mb,
+            "frozen_block_replays": result.frozen_replays,
         }
         atomic_write_text(run_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
         if log:
