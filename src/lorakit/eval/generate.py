@@ -205,7 +205,9 @@ def _decode(model: nn.Module, enc: dict[str, Any], settings: GenerationSettings,
     from transformers import DynamicCache
 
     input_ids, mask = enc["input_ids"], enc["attention_mask"]
-    cache = enc.get("past_key_values") or DynamicCache(config=model.config)
+    cache = enc.get("past_key_values")
+    if cache is None:
+        cache = DynamicCache(config=model.config)
     cached = cache.get_seq_length()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = _last_logits_only(model)
