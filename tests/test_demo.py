@@ -20,7 +20,7 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path: Path) -> None:
     model = save_tiny_model_dir(tmp_path / "model")
     overrides = [f"model.name={model}", "data.max_length=256", "data.system_prompt=answer from the handbook",
                  "train.max_steps=3", "train.batch_size=2", "train.log_every=1", "adapter.r=4",
-                 "adapter.target_modules=[all-linear]"]  # the shipped targets name SmolLM2's blocks 12-29
+                 "adapter.target_modules=[all-linear]"]  # the shipped targets name SmolLM2's blocks 18-29
     out = tmp_path / "run"
     comparison = run_demo(out, overrides=overrides, limit=3, train_sample=3)
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "compare.json", "report.html",
@@ -60,8 +60,8 @@ def test_demo_keeps_its_evaluation_when_the_merge_fails(tmp_path: Path, monkeypa
 
 
 @pytest.mark.parametrize("name", ["lora.yaml", "qlora.yaml"])
-def test_demo_configs_adapt_the_upper_18_of_30_blocks(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shipped target regex, on a Llama with SmolLM2's 30 blocks: every linear layer of blocks 12-29."""
+def test_demo_configs_adapt_the_upper_12_of_30_blocks(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped target regex, on a Llama with SmolLM2's 30 blocks: every linear layer of blocks 18-29."""
     import transformers as tf
 
     from lorakit.adapters.inject import find_targets
@@ -74,7 +74,7 @@ def test_demo_configs_adapt_the_upper_18_of_30_blocks(name: str, monkeypatch: py
     names = find_targets(model, cfg.adapter.target_modules)
     projections = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                    "mlp.up_proj", "mlp.down_proj"]
-    assert names == [f"model.layers.{i}.{p}" for i in range(12, 30) for p in projections]
+    assert names == [f"model.layers.{i}.{p}" for i in range(18, 30) for p in projections]
     assert cfg.data.share_prefix and cfg.data.packing
 
 

@@ -1,6 +1,6 @@
 """Frozen lower blocks, computed once: their output is replayed in every later epoch.
 
-When the adapters sit in the upper blocks only (the demo trains LoRA on blocks 12-29 of
+When the adapters sit in the upper blocks only (the demo trains LoRA on blocks 18-29 of
 SmolLM2's 30), the embedding and the blocks below the first adapted one are a fixed function
 of the input row: every epoch after the first recomputes exactly the activations it computed
 before. `FrozenBlockCache` records, per training row, the hidden state leaving the last frozen
@@ -9,8 +9,8 @@ block; the frozen blocks are not run. Nothing downstream can tell: the frozen we
 row and the positions/masks are the same (the row key covers all three), dropout in the
 frozen part is checked to be off, and nothing below the first adapted block needs a gradient.
 
-Per-token cost of a LoRA step is about forward(all blocks) + backward(adapted blocks), so on
-the demo (12 of 30 blocks frozen) an epoch after the first runs about 20% fewer block passes.
+A LoRA step costs about forward(all blocks) + backward(adapted blocks), so on the demo an
+epoch after the first skips the forward of 18 of its 30 blocks.
 The cache holds rows up to a memory budget (on the demo, 14,671 tokens x 576 x 4 bytes = 34
 MB); a batch with a row that is not cached is computed in full (and recorded). Single process
 only: under torchrun every rank sees other rows each epoch, and FSDP shards the blocks.
