@@ -24,7 +24,7 @@ from lorakit.errors import LorakitError
 
 DEFAULT_CONFIG = Path("examples/handbook/lora.yaml")
 METRICS = ["fact", "rougeL", "refusal", "token_f1"]
-EVAL_BATCH = 64  # rows per generation batch: the held-out set (76) took 39 s in 1 batch, 48 s in 2, 64 s in 3 here
+EVAL_BATCH = 64  # rows per generation batch: the held-out set (76) took 39 s in 1 batch, 48 s in 2, 64 s in 3 (generate)
 
 
 @dataclass

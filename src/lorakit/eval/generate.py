@@ -198,8 +198,8 @@ def _decode(model: nn.Module, enc: dict[str, Any], settings: GenerationSettings,
     Our own loop rather than transformers' `generate`, for one reason: a row that has finished
     (end of turn, EOS, a stop string) leaves the batch, its KV cache rows dropped, so later
     steps compute only the rows still answering. `generate` keeps computing finished rows
-    until the longest answer ends; on the demo, where tuned answers average 12 of up to 20
-    tokens, that is about 40% of the decoding steps' work. Only the last position's logits are
+    until the longest answer ends (on the demo's held-out set, tuned answers averaged 11.6 tokens,
+    the longest 20). Only the last position's logits are
     computed (`logits_to_keep`), in the prefill too. Greedy output equals `generate`'s (tested).
     """
     from transformers import DynamicCache

@@ -10,9 +10,8 @@ row and the positions/masks are the same (the row key covers all three), dropout
 frozen part is checked to be off, and nothing below the first adapted block needs a gradient.
 
 A LoRA step costs about forward(all blocks) + backward(adapted blocks), so on the demo an
-epoch after the first skips the forward of 18 of its 30 blocks.
-The cache holds rows up to a memory budget (on the demo, 14,671 tokens x 576 x 4 bytes = 34
-MB); a batch with a row that is not cached is computed in full (and recorded). Single process
+epoch after the first skips the forward of 18 of its 30 blocks. rows up to a memory budget (on the demo, 14,671 tokens x 576 x 4 bytes = 34 MB), on the
+training device; a batch with a row that is not cached is computed in full (and recorded). Single process
 only: under torchrun every rank sees other rows each epoch, and FSDP shards the blocks.
 """
 
@@ -34,17 +33,14 @@ class FrozenBlockCache:
         self.blocks, self.k, self.budget = blocks, first_trainable, budget_bytes
         self.rows: dict[bytes, torch.Tensor] = {}
         self.bytes = 0
-        self.hits = self.misses = 0
+        self.hits = 0  # batches replayed
         self._replay: torch.Tensor | None = None
         self._tuple_out = False
         self._record: list[bytes] | None = None
-        self._originals = [block.forward for block in blocks[:first_trainable]]
         for i, block in enumerate(blocks[:first_trainable]):
-            block.forward = self._forward_for(i)  # instance attribute: nn.Module.__call__ finds it first
+            block.forward = self._forward_for(i, block.forward)  # instance attribute: nn.Module.__call__ finds it first
 
-    def _forward_for(self, i: int) -> Callable[..., Any]:
-        original = self._originals[i]
-
+    def _forward_for(self, i: int, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if self._replay is not None:  # skip the frozen block: block 0 hands over the recorded output
                 out = self._replay if i == 0 else hidden_states
@@ -75,7 +71,6 @@ class FrozenBlockCache:
                     return loss_fn(model, batch)
                 finally:
                     self._replay = None
-            self.misses += 1
             self._record = keys
             try:
                 return loss_fn(model, batch)
