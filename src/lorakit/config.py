@@ -98,8 +98,9 @@ Template = Literal["auto", "tokenizer", "chatml", "llama2", "alpaca"]
 class DataConfig:
     """Where the examples come from and how they become token sequences."""
 
-    train: str | None = None
-    """JSONL / JSON / CSV / Parquet file, or a directory saved with `datasets`."""
+    train: str | list[str] | None = None
+    """JSONL / JSON / CSV / Parquet file, or a directory saved with `datasets`; a list of them is concatenated
+    (e.g. the task's rows and self-distilled replay rows from `lorakit synth replay`)."""
     eval: str | None = None
     """Evaluation file; when absent, `eval_ratio` of train is held out (seeded)."""
     test: str | None = None
@@ -115,6 +116,13 @@ class DataConfig:
     eval_ratio: float = 0.1
     test_ratio: float = 0.0
 
+    @property
+    def train_files(self) -> list[str]:
+        """data.train as a list of paths (one file, several, or none)."""
+        if not self.train:
+            return []
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
     def check(self) -> list[tuple[str, str]]:
         problems = []
         if self.max_length < 8:
@@ -126,6 +134,22 @@ class DataConfig:
         if self.eval_ratio + self.test_ratio >= 1.0:
             problems.append(("eval_ratio", "eval_ratio + test_ratio must be < 1 so some data is left to train on"))
         return problems
+
+
+@dataclass
+class KLToBaseConfig:
+    """A KL term to the base model's next-token distributions (see lorakit.train.kl_anchor)."""
+
+    weight: float = 0.0
+    """0 = off. The step's loss is mean cross-entropy + weight * mean KL(base || tuned) over the positions below."""
+    on: Literal["replay", "all", "non_target"] = "replay"
+    """replay: the trained tokens of replay rows (kind: replay); non_target: every position whose next token
+    is not trained (prompts, system turn); all: every position."""
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.weight >= 0:
+            return [("weight", f"must be >= 0, got {self.weight}")]
+        return []
 
 
 @dataclass
@@ -166,6 +190,7 @@ class TrainConfig:
     """Write a resumable checkpoint every N steps; 0 = only at the end."""
     keep_checkpoints: int = 2
     tensorboard: bool = False
+    kl_to_base: KLToBaseConfig = field(default_factory=KLToBaseConfig)
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

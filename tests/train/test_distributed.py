@@ -77,6 +77,9 @@ RUNS = {  # name -> sections; each trained by 2 ranks in the fixture's one torch
     "ddp-full": {"adapter": {"method": "full"}, "data": {"packing": False}},
     "fsdp-full": {"adapter": {"method": "full"}, "data": {"packing": False}, "distributed": {"strategy": "fsdp"},
                   "train": {"save_every": 3}},
+    # the KL anchor to the base (train.kl_to_base): the reference pass runs inside DDP's / FSDP's forward too
+    "ddp-kl": {"train": {"kl_to_base": {"weight": 1.0, "on": "all"}}},
+    "fsdp-kl": {"train": {"kl_to_base": {"weight": 1.0, "on": "all"}}, "distributed": {"strategy": "fsdp"}},
     # the uninterrupted reference of the resume test (dropout on: each rank's RNG must be restored)
     "resume-ref": {"adapter": {"dropout": 0.1}, "train": {"max_steps": 12, "save_every": 3, "eval_every": 0}},
 }
@@ -170,6 +173,31 @@ def test_fsdp_equals_ddp(workspace: Path, distributed_runs: dict, method: str) -
     ddp_ckpt = workspace / f"ddp{suffix}" / "checkpoints" / f"step-{STEPS}"
     for name in ("trainable.safetensors", "optimizer.safetensors"):
         assert max_diff(load_file(str(ckpt / name)), load_file(str(ddp_ckpt / name))) <= 1e-5
+
+
+def test_kl_anchor_under_ddp_and_fsdp_equals_one_process(workspace: Path, distributed_runs: dict) -> None:
+    from lorakit.config import load_config
+    from lorakit.train.loop import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(load_config(write_config(workspace, "single-kl", train={
+            "batch_size": 4, "kl_to_base": {"weight": 1.0, "on": "all"}})), quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+
+    def kls(name: str) -> list[float]:
+        events = [json.loads(line) for line in (workspace / name / "metrics.jsonl").read_text().splitlines()]
+        return [e["kl"] for e in events if e["event"] == "train"]
+
+    want = kls("single-kl")
+    assert len(want) == STEPS and abs(want[0]) < 1e-6 and max(want) > 1e-6
+    for name in ("ddp-kl", "fsdp-kl"):
+        got = distributed_runs[name]
+        for step, (a, b) in enumerate(zip(got["losses"], single.losses), start=1):
+            assert abs(a - b) <= 1e-5, (name, step, a, b)
+        assert kls(name) == pytest.approx(want, rel=1e-3, abs=2e-5), name  # a KL of ~1e-3 is a difference of near-equal logs
 
 
 @pytest.mark.parametrize("name", RESUMED)

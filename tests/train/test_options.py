@@ -86,7 +86,7 @@ def test_gradient_accumulation_equals_the_bigger_batch() -> None:
     results = []
     for m, micro in ((model, [whole]), (twin, halves)):
         opt = torch.optim.AdamW(lora_parameters(m), lr=1e-2)
-        loss, norm = train_step(m, fast_loss_sum, micro, opt, 1.0, contextlib.nullcontext, 1)
+        loss, norm, _ = train_step(m, fast_loss_sum, micro, opt, 1.0, contextlib.nullcontext, 1)
         results.append((loss, norm, [p.detach().clone() for p in lora_parameters(m)]))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)

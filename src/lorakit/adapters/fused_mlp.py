@@ -166,7 +166,7 @@ def _use_fused(parts: list[Part], x: torch.Tensor) -> bool:
     if not torch.is_grad_enabled():
         return False
     loras = [lora for _, lora in parts if lora is not None]
-    if not loras or any(lora.merged for lora in loras):
+    if not loras or any(lora.merged or lora.disabled for lora in loras):
         return False
     if not any(lora.lora_A.weight.requires_grad or lora.lora_B.weight.requires_grad for lora in loras):
         return False

@@ -9,6 +9,7 @@ Target syntax (one list, entries may be mixed):
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -142,6 +143,19 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in lora_layers(model) for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block every LoRA layer computes its base layer alone: the base model, without a second copy."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def merge_lora(model: nn.Module) -> None:

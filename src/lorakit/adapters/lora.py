@@ -132,12 +132,15 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=torch.float32)  # (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # True: the layer computes the base alone (the KL anchor's reference pass)
         _init_lora_a(self.lora_A.weight, init, r)
         _init_lora_b(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (..., out)
-        if self.merged:
+        if self.merged or self.disabled:
+            if self.merged and self.disabled:
+                raise LorakitError("cannot switch off a merged LoRA layer; unmerge it first")
             return y
         if torch.is_grad_enabled() and (x.requires_grad or self.lora_A.weight.requires_grad):
             p = float(self.lora_dropout.p) if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0

@@ -14,6 +14,9 @@ Padding differs by kind:
   it positions 0, 1, 2, ..., which the model reads as a new segment: real tokens never
   attend to it (it comes after them and is another segment), every padding row attends
   at least to itself (no all-masked rows, no NaN), and its labels are -100.
+- Every batch has `real_mask` (B, T) bool (False on padding); a batch holding replay rows
+  (`kind: replay`) also has `replay_mask` (B, T) bool, True on their tokens (the KL anchor's
+  positions, `train.kl_to_base`).
 - Packed sequences with a shared prefix (`PackedSequence.segment_ids`) get a 4D boolean
   `attention_mask` (B, 1, T, T), True where attention is allowed: causal, within one
   example or into the row's prefix. Padding attends only to itself.
@@ -26,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lorakit.data.packing import PackedSequence
+from lorakit.data.packing import PackedSequence, is_replay
 from lorakit.data.tokenize import IGNORE, TokenizedExample
 
 MEGA_CHUNK = 50  # batches per length-grouping chunk
@@ -80,6 +83,7 @@ def _collate(rows: list[Item], pad_id: int, packed: bool) -> dict[str, torch.Ten
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (B, T)
     position_ids = torch.arange(width, dtype=torch.long).repeat(len(rows), 1)  # (B, T)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    replay = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, T)
     for b, r in enumerate(rows):
         n = len(r.input_ids)
         input_ids[b, :n] = torch.tensor(r.input_ids, dtype=torch.long)
@@ -88,8 +92,15 @@ def _collate(rows: list[Item], pad_id: int, packed: bool) -> dict[str, torch.Ten
         if packed:
             position_ids[b, :n] = torch.tensor(r.position_ids, dtype=torch.long)
             position_ids[b, n:] = torch.arange(width - n)  # padding: a segment of its own
+            if r.replay is not None:
+                replay[b, :n] = torch.tensor(r.replay, dtype=torch.bool)
+        elif is_replay(r):
+            replay[b, :n] = True
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-             "num_real": mask.sum()}  # () tokens that are not padding, for throughput figures
+             "num_real": mask.sum(),  # () tokens that are not padding, for throughput figures
+             "real_mask": mask.bool()}
+    if replay.any():
+        batch["replay_mask"] = replay
     if not packed:
         batch["attention_mask"] = mask
     elif rows[0].segment_ids is not None:  # one pack_examples call: all rows share a prefix or none do

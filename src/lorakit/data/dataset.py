@@ -67,19 +67,19 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> DataBundle:
 
 def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBundle:
     """`build_datasets`; with strict=False, empty loss masks are counted and dropped, not raised."""
-    if not cfg.train:
-        raise DataError("data.train is not set; give a JSONL/JSON/CSV/Parquet file")
+    if not cfg.train_files:
+        raise DataError("data.train is not set; give a JSONL/JSON/CSV/Parquet file (or a list of them)")
     stats = DataStats(max_length=cfg.max_length)
     loaded = {name: load_file(getattr(cfg, name), cfg, tokenizer, stats, strict)
-              for name in SPLITS if getattr(cfg, name)}
-    train = loaded["train"]
+              for name in SPLITS if name != "train" and getattr(cfg, name)}
+    train = [ex for path in cfg.train_files for ex in load_file(path, cfg, tokenizer, stats, strict)]
     held_out = {"eval": cfg.eval_ratio if "eval" not in loaded else 0.0,
                 "test": cfg.test_ratio if "test" not in loaded else 0.0}
     parts = split_indices(len(train), held_out["eval"], held_out["test"], seed)
     splits = {name: loaded[name] if name in loaded and name != "train" else [train[i] for i in parts[name]]
               for name in SPLITS}
     if strict and not splits["train"]:
-        raise DataError(f"{cfg.train}: no training examples left after holding out eval/test; "
+        raise DataError(f"{', '.join(cfg.train_files)}: no training examples left after holding out eval/test; "
                         "add rows or lower data.eval_ratio / data.test_ratio")
     for name, examples in splits.items():
         stats.examples[name] = len(examples)

@@ -42,6 +42,8 @@ class PackedSequence:
     num_examples: int
     segment_ids: list[int] | None = None
     """With a shared prefix: 0 on the prefix, k on the k-th example (1-based); None otherwise."""
+    replay: list[bool] | None = None
+    """Per token: it belongs to a replay example (`kind: replay`); None when the row holds none."""
 
 
 SHARED_PREFIX_MIN = 16  # tokens; below this the 4D mask costs more than sharing saves
@@ -127,12 +129,20 @@ def _concat(members: list[TokenizedExample], prefix: int = 0) -> PackedSequence:
         segment_ids = [0] * prefix
     else:
         input_ids, labels, position_ids, segment_ids = [], [], [], []
+    replay = [False] * len(input_ids)
     for k, ex in enumerate(members, 1):
         input_ids += ex.input_ids[prefix:]
         labels += [IGNORE] + ex.labels[prefix + 1 :]  # no target crosses from the previous example into this one
         position_ids += range(prefix, len(ex.input_ids))
         segment_ids += [k] * (len(ex.input_ids) - prefix)
-    return PackedSequence(input_ids, labels, position_ids, len(members), segment_ids if prefix else None)
+        replay += [is_replay(ex)] * (len(ex.input_ids) - prefix)
+    return PackedSequence(input_ids, labels, position_ids, len(members), segment_ids if prefix else None,
+                          replay if any(replay) else None)
+
+
+def is_replay(example: TokenizedExample) -> bool:
+    """A replay row (`kind: replay`, e.g. from `lorakit synth replay`): what the model already said, kept."""
+    return example.meta.get("kind") == "replay"
 
 
 def real_token_fraction(packed: Sequence[PackedSequence], max_length: int) -> float:

@@ -77,6 +77,7 @@ def run_plots(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
     specs = [
         ("Training and eval loss", "loss",
          [series(train, "loss", "train loss"), series(evals, "eval_loss", "eval loss", dashed=True)]),
+        ("KL to the base model (train.kl_to_base)", "KL (nats / position)", [series(train, "kl", "KL(base || tuned)")]),
         ("Learning rate", "lr", [series(train, "lr", "learning rate")]),
         ("Generation metrics on the eval sample", "score", [series(gen, name) for name in gen_names]),
         ("Throughput", "tokens / s", [series(train, "tokens_per_s", "tokens/s")]),

@@ -32,6 +32,7 @@ from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lorakit.train.frozen_cache import frozen_block_cache
+from lorakit.train.kl_anchor import KLAnchor
 from lorakit.train.log import MetricsLog, progress_bar
 from lorakit.train.loss import IGNORE, LossFn, check_fast_loss, fast_loss_sum, full_loss_sum
 from lorakit.train.optim import build_optimizer, lr_at, set_lr
@@ -131,11 +132,21 @@ def train_step(
     max_grad_norm: float,
     amp: Any,
     step: int,
-) -> tuple[float, float]:
-    """One optimizer step over the micro-batches; the loss is the mean over all trained tokens (of all ranks)."""
+    anchor: KLAnchor | None = None,
+) -> tuple[float, float, float | None]:
+    """One optimizer step over the micro-batches: (loss, grad norm, KL to the base or None).
+
+    The loss is the mean cross-entropy over all trained tokens (of all ranks); with `anchor`
+    (the KLAnchor inside `loss_fn`) the gradient is that of loss + weight * mean KL over the
+    step's anchor positions, and the mean KL is returned.
+    """
     total = dist.sum_over_ranks(sum(trained_count(b) for b in micro_batches))
     if total == 0:
         raise LorakitError(f"step {step}: no trained tokens in the batch; check the data's loss masks (lorakit data check)")
+    if anchor is not None:
+        anchored = dist.sum_over_ranks(sum(anchor.positions(b) for b in micro_batches))
+        anchor.scale = anchor.weight * total / anchored if anchored else 0.0
+        anchor.kl_sum = 0.0
     loss_sum = 0.0
     for i, batch in enumerate(micro_batches):
         with dist.grad_sync(loss_fn, last=i == len(micro_batches) - 1):
@@ -143,6 +154,8 @@ def train_step(
                 part, _ = loss_fn(model, batch)
             (part * dist.world_size() / total).backward()  # DDP / FSDP average over ranks: x world_size
         loss_sum += float(part.detach())
+    if anchor is not None:
+        loss_sum -= anchor.scale * anchor.kl_sum  # the reported loss is the cross-entropy alone
     loss = dist.sum_over_ranks(loss_sum) / total
     if not math.isfinite(loss):
         raise LorakitError(
@@ -153,7 +166,11 @@ def train_step(
     grad_norm = dist.clip_grad_norm(params, max_grad_norm)  # over all shards under FSDP
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    kl = None
+    if anchor is not None:
+        kl = dist.sum_over_ranks(anchor.kl_sum) / anchored if anchored else None
+        anchor.scale = 0.0
+    return loss, grad_norm, kl
 
 
 @torch.no_grad()
@@ -293,6 +310,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     from rich.console import Console
 
     from lorakit.data import build_datasets, pack_examples, shared_prefix_length
+    from lorakit.data.packing import is_replay
 
     console = console or Console(quiet=quiet or not dist.is_main())
     run_dir = Path(cfg.output_dir)
@@ -344,6 +362,18 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     if mask_form == "float":
         probe["attention_mask"] = additive_mask(probe["attention_mask"], _dtype_of(model))
     loss_fn: LossFn = fast_loss_sum if check_fast_loss(model, probe) else full_loss_sum
+    anchor = None
+    if tc.kl_to_base.weight > 0:
+        if cfg.adapter.method == "full":
+            raise LorakitError("train.kl_to_base compares with the base through the switched-off adapters; "
+                               "full fine-tuning has none: set train.kl_to_base.weight: 0 or adapter.method: lora")
+        if loss_fn is not fast_loss_sum:
+            raise LorakitError(f"train.kl_to_base needs a model whose output head is a plain linear layer; "
+                               f"{type(model).__name__}'s is not: set train.kl_to_base.weight: 0")
+        anchor = loss_fn = KLAnchor(tc.kl_to_base.weight, tc.kl_to_base.on)
+        if tc.kl_to_base.on == "replay" and not any(is_replay(x) for x in data.train):
+            raise LorakitError("train.kl_to_base.on is replay, but no training row has kind: replay; add replay rows "
+                               "(lorakit synth replay) or use train.kl_to_base.on: non_target")
     if mask_form == "float":
         loss_fn = with_additive_masks(loss_fn, _dtype_of(model))
     if tc.gradient_checkpointing:
@@ -397,6 +427,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     result = TrainResult(run_dir=run_dir, steps=total_steps)
     start = time.perf_counter()
     window: list[float] = []
+    kl_window: list[float] = []  # the KL to the base of each step (train.kl_to_base)
     window_tokens, window_start = 0, time.perf_counter()
     with progress_bar(console, disable=quiet or not dist.is_main()) as bar:
         task = bar.add_task("train", total=total_steps, completed=step, loss="-", lr="-", tps="-")
@@ -404,7 +435,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             lr = lr_at(step, total_steps, tc)
             set_lr(optimizer, lr)
             micro = [to_device(stream.next(), device) for _ in range(tc.grad_accum)]
-            loss, grad_norm = train_step(model, loss_fn, micro, optimizer, tc.max_grad_norm, amp, step + 1)
+            loss, grad_norm, kl = train_step(model, loss_fn, micro, optimizer, tc.max_grad_norm, amp, step + 1, anchor)
             step += 1
             step_tokens, step_trained = dist.sum_over_ranks(  # all ranks' tokens, one all-reduce
                 (sum(real_count(b) for b in micro), sum(trained_count(b) for b in micro)))
@@ -412,6 +443,8 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             trained_tokens += step_trained
             window_tokens += step_tokens
             window.append(loss)
+            if kl is not None:
+                kl_window.append(kl)
             result.losses.append(loss)
             elapsed = elapsed_before + time.perf_counter() - start
             if step % tc.log_every == 0 or step == total_steps:
@@ -421,9 +454,10 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
                     log.write("train", step=step, epoch=round(stream.epoch + stream.index / max(1, len(stream)), 4),
                               loss=mean, lr=lr, grad_norm=grad_norm, tokens=tokens, trained_tokens=trained_tokens,
                               tokens_per_s=round(tps, 2), elapsed=round(elapsed, 3), rss_mb=_mb(rss_mb()),
-                              peak_rss_mb=_mb(peak_rss_mb()), **_cuda_memory(device))
+                              peak_rss_mb=_mb(peak_rss_mb()), **_cuda_memory(device),
+                              **({"kl": sum(kl_window) / len(kl_window)} if kl_window else {}))
                 bar.update(task, loss=f"{mean:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-                window, window_tokens, window_start = [], 0, time.perf_counter()
+                window, kl_window, window_tokens, window_start = [], [], 0, time.perf_counter()
             bar.update(task, completed=step)
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
                 best_eval, _ = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)

@@ -38,18 +38,39 @@ def _head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def selected_hidden(body: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states (N, H) at positions predicting a trained token, and those targets (N,)."""
+def body_hidden(body: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H) for the batch."""
     out = body(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
     )
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)
+
+
+def selected_hidden(body: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (N, H) at positions predicting a trained token, and those targets (N,)."""
+    return trained_rows(body_hidden(body, batch), batch)
+
+
+def trained_rows(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hidden` (B, T, H) at positions predicting a trained token (N, H), and those targets (N,)."""
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
     return hidden[:, :-1][keep], targets[keep]
+
+
+def head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over rows of `hidden` (N, H), the head applied CHUNK rows at a time."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, int(targets.numel()), CHUNK):
+        h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_head_ce_sum, head, h, t, use_reentrant=False)
+        else:
+            total = total + _head_ce_sum(head, h, t)
+    return total
 
 
 def fast_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -61,14 +82,7 @@ def fast_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     n = int(targets.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, CHUNK):
-        h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_head_ce_sum, head, h, t, use_reentrant=False)
-        else:
-            total = total + _head_ce_sum(head, h, t)
-    return total, n
+    return head_ce_sum(head, hidden, targets), n
 
 
 def full_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
