@@ -11,7 +11,7 @@ from lorakit.demo import run_demo
 from tests.conftest import run_cli, save_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ["held-out fact accuracy", "train fact accuracy", "held-out ROUGE-L", "refusal rate on unanswerables",
+ROWS = ["held-out fact accuracy", "  held-out paraphrases", "  held-out reversed relations", "train fact accuracy", "held-out ROUGE-L", "refusal rate on unanswerables",
         "false refusals on held-out", "general-knowledge accuracy", "general answers retained",
         "perplexity on general text"]
 
@@ -22,7 +22,7 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path: Path) -> None:
                  "train.max_steps=3", "train.batch_size=2", "train.log_every=1", "adapter.r=4",
                  "adapter.target_modules=[all-linear]"]  # the shipped targets name SmolLM2's blocks 18-29
     out = tmp_path / "run"
-    comparison = run_demo(out, overrides=overrides, limit=3, train_sample=3)
+    comparison = run_demo(out, overrides=overrides, limit=3, train_sample=3, reuse_base=True)
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "compare.json", "report.html",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/config.json"):
         assert (out / name).is_file(), name
@@ -39,6 +39,24 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path: Path) -> None:
     # a second demo never overwrites the first: it takes the next free directory
     again = run_demo(out, overrides=overrides + ["train.max_steps=1"], limit=1, train_sample=1, merge=False)
     assert (tmp_path / "run-2" / "compare.json").is_file() and again["demo"]["steps"] == 1
+
+
+def test_demo_reuses_the_base_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorakit.eval.compare as compare
+
+    model = save_tiny_model_dir(tmp_path / "model")
+    overrides = [f"model.name={model}", "data.max_length=256", "train.max_steps=1", "adapter.r=4",
+                 "adapter.target_modules=[all-linear]"]
+    labels: list[str] = []
+    evaluate = compare.evaluate_model
+    monkeypatch.setattr(compare, "evaluate_model", lambda im, label, *a, **k: labels.append(label) or evaluate(im, label, *a, **k))
+    first = run_demo(tmp_path / "run", overrides=overrides, limit=2, train_sample=2, merge=False, reuse_base=True)
+    assert labels == ["base", "tuned"] and len(list((tmp_path / ".demo-base").glob("*.json"))) == 1
+    second = run_demo(tmp_path / "run", overrides=overrides, limit=2, train_sample=2, merge=False, reuse_base=True)
+    assert labels == ["base", "tuned", "tuned"]  # the base model was not evaluated again
+    assert second["datasets"]["heldout"]["metrics"]["fact"]["base"] == first["datasets"]["heldout"]["metrics"]["fact"]["base"]
+    run_demo(tmp_path / "run", overrides=overrides, limit=1, train_sample=2, merge=False, reuse_base=True)
+    assert labels[-2:] == ["base", "tuned"]  # other settings: evaluated anew
 
 
 def test_demo_keeps_its_evaluation_when_the_merge_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -514,11 +514,14 @@ def demo(
     overrides: SetOption = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate on at most N questions per set.")] = None,
     merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Merge and verify the adapter at the end.")] = True,
+    reuse_base: Annotated[bool, typer.Option("--reuse-base", help="Reuse the base model's evaluation from an earlier "
+                                             "demo with the same model, settings and eval files (kept beside the "
+                                             "run directory in .demo-base/).")] = False,
 ) -> None:
     """The main job: evaluate SmolLM2, LoRA-train it on a handbook, evaluate again, merge; print before/after."""
     from lorakit.demo import run_demo
 
-    run_demo(output_dir, config, overrides, limit, merge=merge)
+    run_demo(output_dir, config, overrides, limit, merge=merge, reuse_base=reuse_base)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ questions (refusal rate), general-knowledge questions the base model answers rig
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ class DemoData:
     sets: list  # list[EvalSet]: heldout, train (sample), unanswerable, general
     text: str
     system_prompt: str
+    variants: list[str]  # per held-out row: paraphrase or reverse (a reversed relation)
+    files: list[Path]  # every file the evaluation reads (the base evaluation's cache key)
 
 
 def _next_free(path: Path) -> Path:
@@ -47,31 +51,43 @@ def load_demo_data(cfg: Any, limit: int | None, train_sample: int) -> DemoData:
     """The four eval sets and the general text, from the files next to the train file."""
     from lorakit.eval.runner import load_eval_set
 
-    folder = Path(cfg.data.train).parent
+    main_train = Path(cfg.data.train_files[0]) if cfg.data.train_files else Path("examples/handbook/train.jsonl")
+    folder = main_train.parent
     need = ["heldout.jsonl", "unanswerable.jsonl", "general.jsonl", "general_text.txt"]
     missing = [n for n in need if not (folder / n).is_file()]
     if missing:
         raise LorakitError(f"{folder} lacks {', '.join(missing)}; the demo needs its eval files next to data.train")
     heldout = load_eval_set(folder / "heldout.jsonl", "heldout", limit)
-    train = load_eval_set(cfg.data.train, "train")
+    train = load_eval_set(main_train, "train")
     keep = [i for i, k in enumerate(train.kinds) if k == "fact"]
     step = max(1, len(keep) // max(1, min(train_sample, limit or train_sample)))
     train = train.subset(keep[::step][: min(train_sample, limit or train_sample)])  # an even sample of the trained facts
     unanswerable = load_eval_set(folder / "unanswerable.jsonl", "unanswerable", limit)
     general = load_eval_set(folder / "general.jsonl", "general", limit)
     text = (folder / "general_text.txt").read_text(encoding="utf-8")
-    return DemoData([heldout, train, unanswerable, general], text, cfg.data.system_prompt)
+    rows = [json.loads(line) for line in (folder / "heldout.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    variants = [str(r.get("variant", "paraphrase")) for r in rows][: len(heldout)]
+    files = [folder / n for n in need] + [main_train]
+    return DemoData([heldout, train, unanswerable, general], text, cfg.data.system_prompt, variants, files)
 
 
-def summary_rows(comparison: dict[str, Any], base: str, tuned: str) -> list[dict[str, Any]]:
+def summary_rows(comparison: dict[str, Any], base: str, tuned: str, variants: list[str] | None = None) -> list[dict[str, Any]]:
     """The before/after table, in the order the issue states its targets."""
     d, f = comparison["datasets"], comparison["forgetting"]
 
     def m(dataset: str, metric: str) -> dict[str, Any]:
         return d[dataset]["metrics"].get(metric, {})
 
+    def heldout_part(variant: str) -> dict[str, Any]:
+        picked = [ex for ex, v in zip(d["heldout"]["examples"], variants or []) if v == variant]
+        if not picked:
+            return {}
+        return {label: sum(ex["scores"][label].get("fact") or 0.0 for ex in picked) / len(picked) for label in (base, tuned)}
+
     rows = [
         ("held-out fact accuracy", m("heldout", "fact"), True),
+        ("  held-out paraphrases", heldout_part("paraphrase"), True),
+        ("  held-out reversed relations", heldout_part("reverse"), True),
         ("train fact accuracy", m("train", "fact"), True),
         ("held-out ROUGE-L", m("heldout", "rougeL"), True),
         ("refusal rate on unanswerables", m("unanswerable", "refusal"), True),
@@ -84,8 +100,18 @@ def summary_rows(comparison: dict[str, Any], base: str, tuned: str) -> list[dict
             for name, v, hib in rows]
 
 
+def base_cache_path(cfg: Any, data: DemoData, settings: Any, limit: int | None, train_sample: int) -> Path:
+    """Where --reuse-base keeps the base model's evaluation: keyed by everything it depends on."""
+    h = hashlib.sha256(json.dumps([cfg.model.name, cfg.model.dtype, cfg.data.template, data.system_prompt,
+                                   cfg.data.max_length, METRICS, EVAL_BATCH, repr(settings), limit, train_sample]).encode())
+    for path in data.files:
+        h.update(path.read_bytes())
+    return Path(cfg.output_dir).parent / ".demo-base" / f"{h.hexdigest()[:16]}.json"
+
+
 def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None,
-             limit: int | None = None, train_sample: int = 30, merge: bool = True) -> dict[str, Any]:
+             limit: int | None = None, train_sample: int = 30, merge: bool = True,
+             reuse_base: bool = False) -> dict[str, Any]:
     from rich.console import Console
 
     from lorakit.config import load_config
@@ -108,7 +134,7 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     data = load_demo_data(cfg, limit, train_sample)
     settings = GenerationSettings(max_new_tokens=40)  # answers are one sentence; the base model rambles on
     started = time.perf_counter()
-    console.rule(f"[bold]lorakit demo[/bold]: {cfg.model.name} learns {Path(cfg.data.train).parent.name}")
+    console.rule(f"[bold]lorakit demo[/bold]: {cfg.model.name} learns {data.files[0].parent.name}")
     console.print(f"run directory {run_dir}")
 
     def evaluate(adapter: Path | None, label: str) -> Any:
@@ -122,12 +148,22 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
         console.print(f"evaluated {label} on {total} questions in {time.perf_counter() - t0:.0f} s")
         return result
 
-    base = evaluate(None, "base")
+    cache = base_cache_path(cfg, data, settings, limit, train_sample) if reuse_base else None
+    if cache is not None and cache.is_file():
+        from lorakit.eval.compare import ModelResult
+
+        base = ModelResult(**json.loads(cache.read_text(encoding="utf-8")))
+        console.print(f"base model's evaluation reused from {cache} (--reuse-base)")
+    else:
+        base = evaluate(None, "base")
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps(dataclasses.asdict(base), ensure_ascii=False))
     console.rule("train")
     trained = train(cfg, console=console)
     tuned = evaluate(run_dir / "adapter", "tuned")
     comparison = build_comparison([base, tuned], "general")
-    comparison["summary"] = summary_rows(comparison, "base", "tuned")
+    comparison["summary"] = summary_rows(comparison, "base", "tuned", data.variants)
 
     def write(extra: dict[str, Any]) -> Path:
         comparison["demo"] = {"elapsed_s": round(time.perf_counter() - started, 1), "train_s": round(trained.elapsed, 1),
