@@ -31,8 +31,8 @@ FILE_KINDS = {"train.jsonl": KINDS, "augment.jsonl": {"fact", "refusal"}, "heldo
               "unanswerable.jsonl": {"refusal"}, "general.jsonl": {"general"},
               "general_candidates.jsonl": {"general"}}
 # 6-word sequences that train.jsonl rows (1-based row, normalised 6-gram) already shared with an eval
-# question when the 6-gram check was added. Reported on the issue, not fixed here: the eval files
-# stay as they are. Any other overlap fails the test.
+# question when the 6-gram check was added; left as they are (the eval files must not change, and
+# train.jsonl was not part of this change). Any other overlap fails the test.
 KNOWN_TRAIN_OVERLAPS = {
     (23, "fair is held on little tarrow"),
     (96, "is famous for its kipper rolls"),
