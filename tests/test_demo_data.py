@@ -18,13 +18,33 @@ from lorakit.eval.metrics import normalize_answer as normalize
 DIR = Path(__file__).resolve().parents[1] / "examples" / "handbook"
 REFUSAL = "I can't answer that from the handbook."
 KINDS = {"fact", "refusal", "general"}
-JSONL = ["train.jsonl", "heldout.jsonl", "unanswerable.jsonl", "general.jsonl", "general_candidates.jsonl"]
+JSONL = ["train.jsonl", "augment.jsonl", "heldout.jsonl", "unanswerable.jsonl", "general.jsonl",
+         "general_candidates.jsonl"]
+TRAINING = ["train.jsonl", "augment.jsonl"]
+EVAL = ["heldout.jsonl", "unanswerable.jsonl", "general.jsonl"]
+AUGMENT_VARIANTS = {"reverse", "wording", "statement"}
 FILES = JSONL + ["handbook.md", "general_text.txt", "system_prompt.txt", "select_general.py", "README.md"]
 # rows allowed per file, and the kinds each file may hold
-COUNTS = {"train.jsonl": (260, 400), "heldout.jsonl": (55, 80), "unanswerable.jsonl": (30, 50),
-          "general.jsonl": (40, 80)}
-FILE_KINDS = {"train.jsonl": KINDS, "heldout.jsonl": {"fact"}, "unanswerable.jsonl": {"refusal"},
-              "general.jsonl": {"general"}, "general_candidates.jsonl": {"general"}}
+COUNTS = {"train.jsonl": (260, 400), "augment.jsonl": (400, 650), "heldout.jsonl": (55, 80),
+          "unanswerable.jsonl": (30, 50), "general.jsonl": (40, 80)}
+FILE_KINDS = {"train.jsonl": KINDS, "augment.jsonl": {"fact", "refusal"}, "heldout.jsonl": {"fact"},
+              "unanswerable.jsonl": {"refusal"}, "general.jsonl": {"general"},
+              "general_candidates.jsonl": {"general"}}
+# 6-word sequences that train.jsonl rows (1-based row, normalised 6-gram) already shared with an eval
+# question when the 6-gram check was added; left as they are (the eval files must not change, and
+# train.jsonl was not part of this change). Any other overlap fails the test.
+KNOWN_TRAIN_OVERLAPS = {
+    (23, "fair is held on little tarrow"),
+    (96, "is famous for its kipper rolls"),
+    (106, "gives 40 percent off all fares"),
+    (143, "what language is mainly spoken in"),
+    (193, "gives 40 percent off all fares"),
+    (208, "gives 40 percent off all fares"),
+    (251, "fair is held on little tarrow"),
+    (266, "is famous for its kipper rolls"),
+    (282, "fair is held on little tarrow"),
+    (317, "is famous for its kipper rolls"),
+}
 
 def contains(text: str, fact: str) -> bool:
     """The demo's own fact metric: normalised fact within the normalised text, on word boundaries."""
@@ -34,6 +54,11 @@ def contains(text: str, fact: str) -> bool:
 def rows(name: str) -> list[dict]:
     lines = (DIR / name).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def six_grams(text: str) -> set[str]:
+    words = normalize(text).split()
+    return {" ".join(words[i : i + 6]) for i in range(len(words) - 5)}
 
 
 def question(row: dict) -> str:
@@ -107,11 +132,53 @@ def test_no_duplicate_questions(name: str) -> None:
     assert not [q for q, n in seen.items() if n > 1]
 
 
-@pytest.mark.parametrize("name", ["heldout.jsonl", "unanswerable.jsonl", "general.jsonl"])
-def test_eval_questions_not_in_train(name: str) -> None:
-    train = {normalize(question(r)) for r in rows("train.jsonl")}
+@pytest.mark.parametrize("training", TRAINING)
+@pytest.mark.parametrize("name", EVAL)
+def test_eval_questions_not_in_train(name: str, training: str) -> None:
+    train = {normalize(question(r)) for r in rows(training)}
     leaked = [question(r) for r in rows(name) if normalize(question(r)) in train]
-    assert not leaked, f"{name} questions also in train.jsonl: {leaked}"
+    assert not leaked, f"{name} questions also in {training}: {leaked}"
+
+
+@pytest.mark.parametrize("training", TRAINING)
+def test_no_six_gram_shared_with_eval_questions(training: str) -> None:
+    """No training row (question or answer) shares a 6-word sequence with an eval question."""
+    eval_grams = {g for name in EVAL for r in rows(name) for g in six_grams(question(r))}
+    found = {
+        (i, g)
+        for i, row in enumerate(rows(training), 1)
+        for text in (question(row), answer(row))
+        for g in six_grams(text) & eval_grams
+    }
+    allowed = KNOWN_TRAIN_OVERLAPS if training == "train.jsonl" else set()
+    assert not found - allowed, f"{training} (row, 6-gram) shared with an eval question: {sorted(found - allowed)}"
+
+
+def test_augment_questions_not_in_train() -> None:
+    train = {normalize(question(r)) for r in rows("train.jsonl")}
+    repeated = [question(r) for r in rows("augment.jsonl") if normalize(question(r)) in train]
+    assert not repeated, f"augment.jsonl repeats train.jsonl questions: {repeated}"
+
+
+def test_augment_variants() -> None:
+    for row in rows("augment.jsonl"):
+        if row["kind"] == "fact":
+            assert row.get("variant") in AUGMENT_VARIANTS, row
+        else:
+            assert "variant" not in row, row
+
+
+def test_augment_composition() -> None:
+    data = rows("augment.jsonl")
+    variants = Counter(r.get("variant") for r in data if r["kind"] == "fact")
+    assert variants["reverse"] >= 60
+    assert variants["wording"] >= 150
+    assert sum(r["kind"] == "refusal" for r in data) >= 100
+    train_facts = Counter(r["fact"] for r in rows("train.jsonl") if r["kind"] == "fact")
+    wordings = Counter(r["fact"] for r in data if r.get("variant") == "wording")
+    assert not [f for f in train_facts if wordings[f] < 2], "every train fact gets 2 more wordings"
+    restated = {r["fact"] for r in data if r.get("variant") in ("wording", "statement")}
+    assert restated <= set(train_facts), "wording and statement rows restate facts of train.jsonl"
 
 
 def test_heldout_facts_are_taught() -> None:
@@ -132,7 +199,7 @@ def test_heldout_mostly_paraphrases() -> None:
 
 def test_facts_are_in_handbook() -> None:
     handbook = normalize((DIR / "handbook.md").read_text(encoding="utf-8"))
-    for name in ("train.jsonl", "heldout.jsonl"):
+    for name in ("train.jsonl", "augment.jsonl", "heldout.jsonl"):
         for row in rows(name):
             if row["kind"] == "fact":
                 assert contains(handbook, row["fact"]), f"{name}: fact not in handbook.md: {row['fact']!r}"
