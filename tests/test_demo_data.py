@@ -33,18 +33,7 @@ FILE_KINDS = {"train.jsonl": KINDS, "augment.jsonl": {"fact", "refusal"}, "heldo
 # 6-word sequences that train.jsonl rows (1-based row, normalised 6-gram) already shared with an eval
 # question when the 6-gram check was added; left as they are (the eval files must not change, and
 # train.jsonl was not part of this change). Any other overlap fails the test.
-KNOWN_TRAIN_OVERLAPS = {
-    (23, "fair is held on little tarrow"),
-    (96, "is famous for its kipper rolls"),
-    (106, "gives 40 percent off all fares"),
-    (143, "what language is mainly spoken in"),
-    (193, "gives 40 percent off all fares"),
-    (208, "gives 40 percent off all fares"),
-    (251, "fair is held on little tarrow"),
-    (266, "is famous for its kipper rolls"),
-    (282, "fair is held on little tarrow"),
-    (317, "is famous for its kipper rolls"),
-}
+KNOWN_TRAIN_OVERLAPS: set[tuple[int, str]] = set()  # none: the 10 rows found were reworded (README)
 
 def contains(text: str, fact: str) -> bool:
     """The demo's own fact metric: normalised fact within the normalised text, on word boundaries."""
