@@ -26,10 +26,13 @@ adapter_app = typer.Typer(help="Inspect LoRA adapter directories.", no_args_is_h
 data_app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
 config_app = typer.Typer(help="Check and print configs.", no_args_is_help=True)
 export_app = typer.Typer(help="Export models to other formats.", no_args_is_help=True)
+synth_app = typer.Typer(help="Training rows written by the base model itself (against forgetting).",
+                        no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
+app.add_typer(synth_app, name="synth")
 
 ModelOptExport = Annotated[Optional[str], typer.Option("--model", help="Base model; default: the adapter's recorded base.")]
 SetOption = Annotated[
@@ -522,6 +525,39 @@ def demo(
     from lorakit.demo import run_demo
 
     run_demo(output_dir, config, overrides, limit, merge=merge, reuse_base=reuse_base)
+
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")]
+SynthConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="A run's YAML config: its model, "
+                                                        "data.template and data.system_prompt.")]
+TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="auto, tokenizer, chatml, llama2 or alpaca "
+                                                    "(default: the config's, the adapter's, else auto).")]
+
+
+@synth_app.command("replay")
+def synth_replay(
+    out: Annotated[Path, typer.Option("--out", help="The JSONL file of replay rows to write.")],
+    model: Annotated[Optional[str], typer.Option("--model", help="The model that answers (default: --config's).")] = None,
+    adapter: AdapterOpt = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL/JSON/CSV with a prompt column or chat "
+                                                    "rows (last user turn); default: lorakit's general set.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt to answer under.")] = None,
+    config: SynthConfigOpt = None,
+    template: TemplateOpt = None,
+    max_new_tokens: MaxNew = 128,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.")] = None,
+    batch_size: BatchSizeOpt = 32,
+    dtype: DtypeOpt = "auto",
+    force: ForceOpt = False,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """The base model answers general prompts (greedy); each answer becomes a `kind: replay` training row."""
+    from lorakit.synth.replay import GENERAL_PROMPTS, ReplayOptions, replay
+
+    opts = ReplayOptions(model, adapter, prompts or GENERAL_PROMPTS, out, system, config, template, max_new_tokens,
+                         limit, batch_size, dtype, force, trust_remote_code)
+    console = _console()
+    console.print(replay(opts, console).summary(), highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

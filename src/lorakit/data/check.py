@@ -37,6 +37,8 @@ def check_data(cfg: DataConfig, tokenizer: Any, seed: int, console: Console, num
     for ex in bundle.train[:num_examples]:
         console.print(Panel(highlight(ex, template, tokenizer, cfg), title=f"{ex.source} row {ex.row}", expand=False))
     console.print(counts_table(stats))
+    if stats.kinds:
+        console.print(kinds_line(stats), highlight=False)
     _print_findings(stats, cfg, console)
     console.print(length_histogram(stats.lengths, cfg.max_length))
     return stats
@@ -69,6 +71,13 @@ def counts_table(stats: DataStats) -> Table:
         table.add_row(name, str(stats.examples.get(name, 0)), str(stats.tokens.get(name, 0)),
                       str(stats.trained_tokens.get(name, 0)))
     return table
+
+
+def kinds_line(stats: DataStats) -> str:
+    """Train examples per `kind` column value, e.g. "kinds: fact 264, refusal 59, replay 300"."""
+    untagged = stats.examples.get("train", 0) - sum(stats.kinds.values())
+    parts = [f"{kind} {n}" for kind, n in stats.kinds.items()] + ([f"no kind {untagged}"] if untagged > 0 else [])
+    return "kinds: " + ", ".join(parts)
 
 
 def _print_findings(stats: DataStats, cfg: DataConfig, console: Console) -> None:

@@ -46,6 +46,8 @@ class DataStats:
     """Tokens in the packed train rows: what one epoch processes (when packing is on)."""
     problems: list[str] = field(default_factory=list)
     """The first few error lines, each naming a file and row."""
+    kinds: dict[str, int] = field(default_factory=dict)
+    """Train examples per value of the rows' `kind` column (fact, refusal, replay, ...), in order of first use."""
 
     @property
     def errors(self) -> int:
@@ -81,6 +83,10 @@ def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBun
     if strict and not splits["train"]:
         raise DataError(f"{', '.join(cfg.train_files)}: no training examples left after holding out eval/test; "
                         "add rows or lower data.eval_ratio / data.test_ratio")
+    for example in splits["train"]:
+        kind = example.meta.get("kind")
+        if kind is not None:
+            stats.kinds[str(kind)] = stats.kinds.get(str(kind), 0) + 1
     for name, examples in splits.items():
         stats.examples[name] = len(examples)
         stats.tokens[name] = sum(len(x.input_ids) for x in examples)

@@ -147,7 +147,13 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-@torch.no_grad()
+@dataclass
+class Answer:
+    text: str
+    ended: bool
+    """False when the answer ran to max_new_tokens without an end of turn, EOS or stop string."""
+
+
 def generate(
     im: InferenceModel,
     prompts: Sequence[Sequence[Message] | str],
@@ -156,7 +162,20 @@ def generate(
     system_prompt: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Answers to `prompts` (chat message lists or plain user texts), in order.
+    """Answers to `prompts` (chat message lists or plain user texts), in order."""
+    return [a.text for a in generate_answers(im, prompts, settings, batch_size, system_prompt, on_batch)]
+
+
+@torch.no_grad()
+def generate_answers(
+    im: InferenceModel,
+    prompts: Sequence[Sequence[Message] | str],
+    settings: GenerationSettings | None = None,
+    batch_size: int = 8,
+    system_prompt: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Answer]:
+    """`generate`, each answer with whether it ended or was cut at max_new_tokens.
 
     Prompts are batched by length (similar lengths share a batch, so left padding is small)
     into batches of about equal size, and decoded by `_decode`; answers come back in the
@@ -174,7 +193,7 @@ def generate(
     eos = set(stop_token_ids(im))
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     n_batches = -(-len(ids) // batch_size) if ids else 0
-    outputs: list[str] = [""] * len(ids)
+    outputs: list[Answer] = [Answer("", True)] * len(ids)
     done = 0
     for b in range(n_batches):  # n_batches batches of equal size (+-1): 76 prompts at 64 -> 38 + 38, not 64 + 12
         chunk = order[done : done + (len(ids) - done) // (n_batches - b)]
@@ -185,7 +204,11 @@ def generate(
             generator = torch.Generator(device=device).manual_seed(settings.seed + b)
         rows = _decode(im.model, enc, settings, eos, generator, tok)
         for i, row in zip(chunk, rows):
-            outputs[i] = cut_at_stop(tok.decode(row, skip_special_tokens=True), settings.stop).strip()
+            text = tok.decode(row, skip_special_tokens=True)
+            answer = cut_at_stop(text, settings.stop)
+            # a row stopped by EOS or end of turn holds fewer tokens than the limit (the stop token is not kept)
+            ended = len(row) < settings.max_new_tokens or len(answer) < len(text)
+            outputs[i] = Answer(answer.strip(), ended)
         if on_batch:
             on_batch(len(chunk))
     return outputs

@@ -1,0 +1,1 @@
+"""Synthetic training rows from the base model itself: replay answers and self-distilled rewrites."""
