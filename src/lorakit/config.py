@@ -24,6 +24,7 @@ import yaml
 from lorakit.errors import ConfigError
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+AnchorOn = Literal["replay", "non_target", "all"]
 
 
 @dataclass
@@ -142,14 +143,17 @@ class KLToBaseConfig:
 
     weight: float = 0.0
     """0 = off. The step's loss is mean cross-entropy + weight * mean KL(base || tuned) over the positions below."""
-    on: Literal["replay", "all", "non_target"] = "replay"
+    on: AnchorOn | list[AnchorOn] = "replay"
     """replay: the trained tokens of replay rows (kind: replay); non_target: every position whose next token
-    is not trained (prompts, system turn); all: every position."""
+    is not trained (prompts, system turn); all: every position. A list takes the union (e.g. [replay, non_target])."""
 
     def check(self) -> list[tuple[str, str]]:
+        problems = []
         if not self.weight >= 0:
-            return [("weight", f"must be >= 0, got {self.weight}")]
-        return []
+            problems.append(("weight", f"must be >= 0, got {self.weight}"))
+        if isinstance(self.on, list) and not self.on:
+            problems.append(("on", "is an empty list; use replay, non_target or all"))
+        return problems
 
 
 @dataclass

@@ -120,6 +120,9 @@ def test_config_rejects_negative_weight() -> None:
         load_config(None, ["train.kl_to_base.weight=-1"])
     with pytest.raises(ConfigError, match="kl_to_base.on"):
         load_config(None, ["train.kl_to_base.on=prompts"])
+    with pytest.raises(ConfigError, match="kl_to_base.on"):
+        load_config(None, ["train.kl_to_base.on=[]"])
+    assert load_config(None, ["train.kl_to_base.on=[replay, non_target]"]).train.kl_to_base.on == ["replay", "non_target"]
 
 
 class _Recorder:
@@ -137,7 +140,7 @@ class _Recorder:
             p.grad = None
 
 
-@pytest.mark.parametrize("on", ["replay", "non_target", "all"])
+@pytest.mark.parametrize("on", ["replay", "non_target", "all", ["replay", "non_target"]])
 def test_gradient_matches_a_plain_reference(on: str) -> None:
     """mean CE + w * mean KL(base || tuned), written out with full logits and a separate base model."""
     from lorakit.adapters import inject_lora, lora_parameters

@@ -19,7 +19,8 @@ distribution depends on the example's own tokens only):
 - replay: the trained targets of replay rows (`kind: replay`);
 - non_target: every real position whose next token is not trained (system turn, user turns,
   template tokens): the model is taught the answers and held to the base everywhere else;
-- all: every real position.
+- all: every real position;
+- a list of these: their union (e.g. [replay, non_target]).
 
 The head is applied in checkpointed chunks on the anchor positions only, like the loss
 (`train.loss`), so the full-vocabulary logits of a batch are never held at once. With the
@@ -41,8 +42,11 @@ from lorakit.errors import LorakitError
 from lorakit.train.loss import CHUNK, IGNORE, body_hidden, decoder_and_head, head_ce_sum, trained_rows
 
 
-def anchor_positions(batch: dict[str, torch.Tensor], on: str) -> torch.Tensor:
-    """(B, T-1) bool: the positions t whose next-token distribution the anchor scores."""
+def anchor_positions(batch: dict[str, torch.Tensor], on: str | list[str]) -> torch.Tensor:
+    """(B, T-1) bool: the positions t whose next-token distribution the anchor scores (a list: the union)."""
+    if isinstance(on, list):
+        masks = [anchor_positions(batch, part) for part in on]
+        return torch.stack(masks).any(dim=0)
     labels = batch["labels"]
     real = batch["real_mask"] if "real_mask" in batch else torch.ones_like(labels, dtype=torch.bool)
     real = real[:, :-1].bool()
@@ -77,7 +81,7 @@ class KLAnchor:
     """
 
     weight: float
-    on: str
+    on: str | list[str]
     scale: float = 0.0
     kl_sum: float = 0.0
 

@@ -371,7 +371,8 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             raise LorakitError(f"train.kl_to_base needs a model whose output head is a plain linear layer; "
                                f"{type(model).__name__}'s is not: set train.kl_to_base.weight: 0")
         anchor = loss_fn = KLAnchor(tc.kl_to_base.weight, tc.kl_to_base.on)
-        if tc.kl_to_base.on == "replay" and not any(is_replay(x) for x in data.train):
+        on = tc.kl_to_base.on if isinstance(tc.kl_to_base.on, list) else [tc.kl_to_base.on]
+        if on == ["replay"] and not any(is_replay(x) for x in data.train):
             raise LorakitError("train.kl_to_base.on is replay, but no training row has kind: replay; add replay rows "
                                "(lorakit synth replay) or use train.kl_to_base.on: non_target")
     if mask_form == "float":
