@@ -264,6 +264,9 @@ def _key_numbers(run: Run) -> str:
         ("CUDA peak allocated", f"{fmt(cuda)} MB" if cuda is not None else None),
         ("trainable params", trainable), ("adapted modules", start.get("adapted_modules")),
         ("final eval loss", eval_loss), ("final perplexity", ppl), ("best eval loss", s.get("best_eval_loss")),
+        (f"best {s.get('best_metric')} (adapter-best)", f"{fmt(s.get('best_value'))} at step {fmt(s.get('best_step'))}"
+         if s.get("best_metric") else None),
+        ("early stopped at step", s.get("early_stopped_at")),
         ("last train loss", s.get("train_loss_last", _last(train, "loss"))),
         ("examples (train / eval)", f"{fmt(start.get('examples'))} / {fmt(start.get('eval_examples'))}"
          if start else None),
