@@ -200,6 +200,9 @@ def test_scale_equals_b_times_scale_and_rescales(merged: bool, input_ids: torch.
     _randomize_b(model)
     if merged:
         merge_lora(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scale_lora(model, 1.0)  # the current scale: nothing moves, not even by rounding
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     for scale in (0.5, 2.0, 0.25):
         scale_lora(model, scale)
         assert all(layer.merged == merged and layer.scale == scale for _, layer in lora_layers(model))

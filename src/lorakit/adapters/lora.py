@@ -185,10 +185,13 @@ class LoRALinear(nn.Module):
         """Multiply the update by `scale` (1 = as trained), as `lorakit merge --scale` does.
 
         A merged layer is unmerged and merged again at the new scale, so its base weight then
-        carries the fp32 rounding of one more subtract and add (about one ulp per change).
+        carries the fp32 rounding of one more subtract and add (about one ulp per change); the
+        current scale again changes nothing.
         """
         if not math.isfinite(scale):
             raise LorakitError(f"LoRA scale must be a finite number, got {scale}")
+        if scale == self.scale:
+            return
         merged = self.merged
         self.unmerge()
         self.scale = float(scale)

@@ -95,11 +95,6 @@ def parse_scales(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def scaled_label(label: str, scale: float) -> str:
-    """`tuned@0.5`; scale 1 keeps the plain label."""
-    return label if scale == 1.0 else f"{label}@{scale:g}"
-
-
 @contextmanager
 def generation_progress(console: Any, total: int, label: str) -> Iterator[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -207,12 +202,14 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
     for adapter in adapters:
         name = adapter_label(adapter, taken)
         im = _load(model, adapter, opts)
-        for scale in strengths:
+        scaled = []
+        for scale in sorted(strengths, key=lambda s: s != 1.0):  # 1 first: the adapter exactly as loaded
             scale_lora(im.model, scale)  # the update times scale, as `lorakit merge --scale` merges it
-            label = name if scale == 1.0 else unique_label(scaled_label(name, scale), taken)
-            results.append(_run(im, label, sets, opts, text, console))
-            runs.setdefault(name, []).append((scale, label))
+            label = name if scale == 1.0 else unique_label(f"{name}@{scale:g}", taken)
+            scaled.append((scale, _run(im, label, sets, opts, text, console)))
         del im
+        results += [r for _, r in sorted(scaled, key=lambda x: x[0])]
+        runs[name] = [(scale, r.label) for scale, r in sorted(scaled, key=lambda x: x[0])]
     comparison = build_comparison(results, general_name, retention_threshold, perplexity_threshold,
                                   runs if scales is not None else None)
     print_comparison(comparison, console)
