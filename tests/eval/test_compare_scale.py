@@ -10,6 +10,7 @@ import torch
 
 from lorakit.adapters import inject_lora, lora_layers, save_adapter, scale_lora
 from lorakit.eval.generate import load_for_inference, prompt_text
+from lorakit.export.merge import AdapterRef, adapter_factors, merge_factors
 from lorakit.eval.plots import scale_plots
 from lorakit.eval.report import write_report
 from tests.conftest import run_cli, save_tiny_model_dir, tiny_tokenizer
@@ -40,7 +41,9 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_scaled_adapter_has_the_logits_of_b_times_scale(adapters: Path) -> None:
+def test_scaled_adapter_has_the_logits_of_b_times_scale_and_of_merge_scale(adapters: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
     ids = tiny_tokenizer()(prompt_text("what comes after red?", load_for_inference(None, adapters / "tuned-half")),
                            return_tensors="pt")["input_ids"]
     half = load_for_inference(None, adapters / "tuned-half")
@@ -54,6 +57,11 @@ def test_scaled_adapter_has_the_logits_of_b_times_scale(adapters: Path) -> None:
     # fp32 rounding only: folding LoRA in moves these logits (|max| ~6) by ~1e-5 already
     assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
     assert (full - expected).abs().max().item() > 1e-2  # the scale changed the model
+    merged = AutoModelForCausalLM.from_pretrained(adapters / "model").eval()  # what `merge --scale 0.5` computes
+    merge_factors(merged, adapter_factors(AdapterRef(adapters / "tuned"), scale=0.5))
+    with torch.no_grad():
+        by_merge = merged(input_ids=ids).logits
+    assert (got - by_merge).abs().max().item() <= 1e-5 * by_merge.abs().max().item()
 
 
 def test_compare_scales_section_answers_and_report(adapters: Path, tmp_path: Path) -> None:
