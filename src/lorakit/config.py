@@ -280,8 +280,9 @@ class Config:
             problems.append(("output_dir", "is empty; give a directory for the run's outputs"))
         stop = self.train.early_stop
         if stop is not None and stop.metric not in self.eval.metrics:
-            problems.append(("train.early_stop.metric", f"is {stop.metric}, which eval.metrics "
-                             f"({', '.join(self.eval.metrics)}) does not compute; add it to eval.metrics or stop on one of those"))
+            computed = ", ".join(self.eval.metrics)
+            problems.append(("train.early_stop.metric", f"is {stop.metric}, which eval.metrics ({computed}) does not "
+                             "compute; add it to eval.metrics or stop on one of those"))
         if stop is not None and self.eval.every <= 0:
             problems.append(("train.early_stop", "needs generation evals during training; set eval.every to N > 0 "
                              "(a generation eval every N steps)"))

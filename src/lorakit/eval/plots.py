@@ -111,8 +111,8 @@ def scale_plots(comparison: dict[str, Any]) -> list[tuple[str, str]]:
             points = [(0.0, at_base)] + [(r["scale"], _at(r, "primary", name, "value")) for r in rows]
             lines.append(_xy(f"{name}: {metric}", points))
         if any(_number(r.get("retention")) for r in rows):
-            lines.append(_xy("general answer retention", [(0.0, 1.0)] + [(r["scale"], r.get("retention")) for r in rows],
-                             dashed=True))
+            kept = [(0.0, 1.0)] + [(r["scale"], r.get("retention")) for r in rows]
+            lines.append(_xy("general answer retention", kept, dashed=True))
         uri = line_plot(_plain(f"{adapter}: taught vs kept"), "score", lines, xlabel="adapter scale (0 = base model)",
                         integer_x=False)
         if uri is not None:

@@ -111,7 +111,8 @@ def adapter_factors(ref: AdapterRef, alpha: float | None = None, scale: float = 
         r = int(a.shape[0])
         layer_alpha = alpha if alpha is not None else float(_pattern_value(config.get("alpha_pattern") or {}, name,
                                                                               base_alpha))
-        factors.append(LoRAFactor(str(ref.path), name, a, b, lora_scaling(layer_alpha, r, use_rslora) * scale * ref.weight))
+        scaling = lora_scaling(layer_alpha, r, use_rslora) * scale * ref.weight
+        factors.append(LoRAFactor(str(ref.path), name, a, b, scaling))
     return factors
 
 

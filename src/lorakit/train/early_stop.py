@@ -55,7 +55,6 @@ def check_rows(metric: str, targets: list[Any]) -> None:
     if not targets:
         raise LorakitError("train.early_stop needs eval rows to generate answers for, and the eval split has none; "
                            "set data.eval or data.eval_ratio > 0")
-    field = {"fact": "fact", "label": "label"}.get(metric)
-    if field and not any(getattr(t, field) for t in targets):
+    if metric in ("fact", "label") and not any(getattr(t, metric) for t in targets):  # Target.fact / .label
         raise LorakitError(f"train.early_stop.metric is {metric}, but none of the {len(targets)} generation eval rows "
-                           f"has a `{field}` field; add it to the eval rows or stop on another metric")
+                           f"has a `{metric}` field; add it to the eval rows or stop on another metric")
