@@ -478,6 +478,8 @@ def compare(
                                                        "fewer of the base's right general answers.")] = 0.9,
     perplexity_threshold: Annotated[float, typer.Option("--perplexity-threshold", help="Warn when general-text "
                                                         "perplexity rises by more than this fraction.")] = 0.1,
+    scale: Annotated[Optional[str], typer.Option("--scale", help="Evaluate each adapter at these strengths, e.g. "
+                                                 "0.5,0.75,1.0: the update times s, as `merge --scale` merges it.")] = None,
     max_new_tokens: MaxNew = 64,
     batch_size: BatchSizeOpt = 8,
     limit: LimitOpt = None,
@@ -496,7 +498,7 @@ def compare(
     opts = _eval_options(data, metrics, max_new_tokens, batch_size, limit, perplexity, text, max_length, system,
                          refusal, refusal_pattern, dtype, trust_remote_code)
     run_compare_command(model, list(adapter or []), opts, [general] if general else [], out, retention_threshold,
-                        perplexity_threshold, _console())
+                        perplexity_threshold, _console(), scale)
 
 
 @app.command()

@@ -157,6 +157,28 @@ class KLToBaseConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop training when a generation metric of the `eval:` section stops improving."""
+
+    metric: str = "fact"
+    """One of eval.metrics (higher is better); adapter-best/ then keeps the adapter that scored best on it."""
+    on: Literal["eval"] = "eval"
+    """The split it is measured on: the first eval.max_examples rows of the eval split."""
+    patience: int = 3
+    """Stop after this many generation evals in a row without a new best."""
+
+    def check(self) -> list[tuple[str, str]]:
+        from lorakit.eval.metrics import METRICS
+
+        problems = []
+        if self.metric not in METRICS:
+            problems.append(("metric", f"unknown metric {self.metric}; choose from {', '.join(METRICS)}"))
+        if self.patience < 1:
+            problems.append(("patience", f"must be >= 1, got {self.patience}"))
+        return problems
+
+
+@dataclass
 class TrainConfig:
     """The optimisation: steps, batch, learning rate, precision, logging and checkpoints."""
 
@@ -195,6 +217,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = False
     kl_to_base: KLToBaseConfig = field(default_factory=KLToBaseConfig)
+    early_stop: EarlyStopConfig | None = None
+    """Stop on a generation metric (needs eval.every > 0); adapter-best/ follows that metric instead of eval loss."""
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -283,6 +307,14 @@ class Config:
         problems = []
         if not self.output_dir.strip():
             problems.append(("output_dir", "is empty; give a directory for the run's outputs"))
+        stop = self.train.early_stop
+        if stop is not None and stop.metric not in self.eval.metrics:
+            computed = ", ".join(self.eval.metrics)
+            problems.append(("train.early_stop.metric", f"is {stop.metric}, which eval.metrics ({computed}) does not "
+                             "compute; add it to eval.metrics or stop on one of those"))
+        if stop is not None and self.eval.every <= 0:
+            problems.append(("train.early_stop", "needs generation evals during training; set eval.every to N > 0 "
+                             "(a generation eval every N steps)"))
         if self.adapter.method == "full" and self.quantization.method != "none":
             problems.append(("quantization.method", f"is {self.quantization.method}, but adapter.method full trains "
                              "every weight and a quantized base cannot be trained; set quantization.method: none, "

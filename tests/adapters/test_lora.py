@@ -15,6 +15,7 @@ from lorakit.adapters import (
     inject_lora,
     lora_layers,
     merge_lora,
+    scale_lora,
     unmerge_lora,
     unwrap_lora,
 )
@@ -188,3 +189,32 @@ def test_double_injection_is_refused() -> None:
     inject_lora(model, ["q_proj"], r=2, alpha=2)
     with pytest.raises(LorakitError, match="already has a LoRA adapter"):
         inject_lora(model, ["q_proj"], r=2, alpha=2)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_scale_equals_b_times_scale_and_rescales(merged: bool, input_ids: torch.Tensor) -> None:
+    """scale s == the same adapter with B multiplied by s, unmerged and merged, after earlier scales."""
+    model, reference = tiny_model("llama"), tiny_model("llama")  # same seed: same base weights
+    inject_lora(model, ["all-linear"], r=4, alpha=8)
+    inject_lora(reference, ["all-linear"], r=4, alpha=8)
+    _randomize_b(model)
+    if merged:
+        merge_lora(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scale_lora(model, 1.0)  # the current scale: nothing moves, not even by rounding
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    for scale in (0.5, 2.0, 0.25):
+        scale_lora(model, scale)
+        assert all(layer.merged == merged and layer.scale == scale for _, layer in lora_layers(model))
+        with torch.no_grad():
+            for (_, layer), (_, ref) in zip(lora_layers(model), lora_layers(reference)):
+                assert ref.scaling == layer.scaling / scale == 2.0
+                ref.lora_A.weight.copy_(layer.lora_A.weight)
+                ref.lora_B.weight.copy_(layer.lora_B.weight * scale)
+            got, expected = model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits
+        assert (got - expected).abs().max().item() <= 1e-5, scale
+    scale_lora(model, 1.0)
+    layer = next(layer for _, layer in lora_layers(model))
+    assert layer.scaling == 2.0 and "(scale" not in layer.extra_repr()
+    with pytest.raises(LorakitError, match="finite"):
+        layer.set_scale(float("nan"))

@@ -10,6 +10,7 @@ from lorakit.adapters.inject import (
     lora_parameters,
     merge_lora,
     parameter_summary,
+    scale_lora,
     unmerge_lora,
     unwrap_lora,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "merge_lora",
     "parameter_summary",
     "save_adapter",
+    "scale_lora",
     "unmerge_lora",
     "unwrap_lora",
 ]

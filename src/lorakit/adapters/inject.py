@@ -168,6 +168,12 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def scale_lora(model: nn.Module, scale: float) -> None:
+    """Every adapter's update times `scale` (1 = as trained); merged layers are re-merged."""
+    for _, layer in lora_layers(model):
+        layer.set_scale(scale)
+
+
 def unwrap_lora(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     """Merge every adapter and put plain layers back (a normal HF model again).
 

@@ -91,6 +91,11 @@ class _LoRAPath(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The update's multiplier: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def _init_lora_a(weight: torch.Tensor, init: Init, r: int) -> None:
     """A: kaiming-uniform with a=sqrt(5) as in the LoRA reference code and PEFT, or N(0, 1/r)."""
     if init == "kaiming":
@@ -126,7 +131,8 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.fan_in_fan_out = fan_in_fan_out
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scaling = self.alpha / math.sqrt(r) if use_rslora else self.alpha / r
+        self.scale = 1.0  # strength multiplier at inference (set_scale); training leaves it at 1
+        self.scaling = lora_scaling(self.alpha, r, use_rslora)
         device = _device_of(base_layer)
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=torch.float32)  # (r, in)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=torch.float32)  # (out, r)
@@ -178,6 +184,24 @@ class LoRALinear(nn.Module):
         weight.data.copy_((weight.data.float() - self.delta_weight()).to(weight.dtype))
         self.merged = False
 
+    def set_scale(self, scale: float) -> None:
+        """Multiply the update by `scale` (1 = as trained), as `lorakit merge --scale` does.
+
+        A merged layer is unmerged and merged again at the new scale, so its base weight then
+        carries the fp32 rounding of one more subtract and add (about one ulp per change); the
+        current scale again changes nothing.
+        """
+        if not math.isfinite(scale):
+            raise LorakitError(f"LoRA scale must be a finite number, got {scale}")
+        if scale == self.scale:
+            return
+        merged = self.merged
+        self.unmerge()
+        self.scale = float(scale)
+        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora) * self.scale
+        if merged:
+            self.merge()
+
     def _base_weight(self, what: str) -> nn.Parameter:
         weight = getattr(self.base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or hasattr(self.base_layer, "dequantized_weight"):
@@ -190,7 +214,7 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
-            f"scaling={self.scaling:g}, merged={self.merged}"
+            f"scaling={self.scaling:g}{'' if self.scale == 1 else f' (scale {self.scale:g})'}, merged={self.merged}"
         )
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from lorakit.adapters.inject import scale_lora
 from lorakit.errors import LorakitError
 from lorakit.eval.compare import ModelResult, build_comparison, evaluate_model, wins_and_losses
-from lorakit.eval.generate import GenerationSettings, load_for_inference
+from lorakit.eval.generate import GenerationSettings, InferenceModel, load_for_inference
 from lorakit.eval.metrics import DEFAULT_REFUSAL, RefusalMatcher, check_metrics
 from lorakit.eval.runner import EvalSet, load_eval_set
 from lorakit.io import atomic_write_text
@@ -66,12 +68,31 @@ def load_sets(paths: Sequence[Path], limit: int | None) -> list[EvalSet]:
 
 def adapter_label(adapter: Path, taken: set[str]) -> str:
     label = f"{adapter.parent.name}/{adapter.name}" if adapter.name in ("adapter", "adapter-best") else adapter.name
-    label, k = label or str(adapter), 2
-    base = label
+    return unique_label(label or str(adapter), taken)
+
+
+def unique_label(label: str, taken: set[str]) -> str:
+    base, k = label, 2
     while label in taken:
         label, k = f"{base}-{k}", k + 1
     taken.add(label)
     return label
+
+
+def parse_scales(text: str) -> list[float]:
+    """--scale "0.5,0.75,1.0" -> [0.5, 0.75, 1.0]: finite numbers > 0, ascending, each once."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise LorakitError(f"--scale {text!r}: {part.strip()!r} is not a number; give comma-separated "
+                               "strengths > 0, e.g. --scale 0.5,0.75,1.0") from None
+        if not math.isfinite(value) or value <= 0:
+            raise LorakitError(f"--scale {text!r}: {part.strip()} must be a finite number > 0 "
+                               "(1 = the adapter as trained), e.g. --scale 0.5,0.75,1.0")
+        values.append(value)
+    return sorted(set(values))
 
 
 @contextmanager
@@ -84,8 +105,8 @@ def generation_progress(console: Any, total: int, label: str) -> Iterator[Any]:
         yield lambda n: bar.advance(task, n)
 
 
-def _evaluate(model: str | None, adapter: Path | None, label: str, sets: list[EvalSet], opts: EvalOptions,
-              text: str | None, console: Any, like: dict[str, Any] | None = None) -> ModelResult:
+def _load(model: str | None, adapter: Path | None, opts: EvalOptions, like: dict[str, Any] | None = None
+          ) -> InferenceModel:
     """`like`: the template and system prompt to ask in (a base model is asked as its adapter was trained)."""
     im = load_for_inference(model, adapter, opts.dtype, trust_remote_code=opts.trust_remote_code)
     if like:
@@ -93,6 +114,16 @@ def _evaluate(model: str | None, adapter: Path | None, label: str, sets: list[Ev
         im.system_prompt = like.get("system_prompt", im.system_prompt)
     if opts.system is not None:
         im.system_prompt = opts.system
+    return im
+
+
+def _evaluate(model: str | None, adapter: Path | None, label: str, sets: list[EvalSet], opts: EvalOptions,
+              text: str | None, console: Any, like: dict[str, Any] | None = None) -> ModelResult:
+    return _run(_load(model, adapter, opts, like), label, sets, opts, text, console)
+
+
+def _run(im: InferenceModel, label: str, sets: list[EvalSet], opts: EvalOptions, text: str | None,
+         console: Any) -> ModelResult:
     total = sum(len(s) for s in sets) * (2 if opts.perplexity else 1)  # generation, then the perplexity pass
     with generation_progress(console, total, f"evaluate {label}") as advance:
         return evaluate_model(im, label, sets, opts.metrics, opts.settings, opts.batch_size, opts.refusal_matcher(),
@@ -139,8 +170,10 @@ def run_eval_command(model: str | None, adapter: Path | None, opts: EvalOptions,
 
 def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptions, general: list[Path],
                         out: Path | None, retention_threshold: float, perplexity_threshold: float,
-                        console: Any) -> dict[str, Any]:
+                        console: Any, scales: str | None = None) -> dict[str, Any]:
+    """`scales` ("0.5,1"): each adapter is evaluated at each strength, loaded once and re-scaled in place."""
     opts.check()
+    strengths = parse_scales(scales) if scales is not None else [1.0]
     if not adapters:
         raise LorakitError("give at least one --adapter DIR to compare with the base model")
     for adapter in adapters:
@@ -165,9 +198,20 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
             raise LorakitError("give --model (the adapter does not record its base model)")
     results = [_evaluate(model, None, "base", sets, opts, text, console, adapter_meta(adapters[0]))]
     taken = {"base"}
+    runs: dict[str, list[tuple[float, str]]] = {}
     for adapter in adapters:
-        results.append(_evaluate(model, adapter, adapter_label(adapter, taken), sets, opts, text, console))
-    comparison = build_comparison(results, general_name, retention_threshold, perplexity_threshold)
+        name = adapter_label(adapter, taken)
+        im = _load(model, adapter, opts)
+        scaled = []
+        for scale in sorted(strengths, key=lambda s: s != 1.0):  # 1 first: the adapter exactly as loaded
+            scale_lora(im.model, scale)  # the update times scale, as `lorakit merge --scale` merges it
+            label = name if scale == 1.0 else unique_label(f"{name}@{scale:g}", taken)
+            scaled.append((scale, _run(im, label, sets, opts, text, console)))
+        del im
+        results += [r for _, r in sorted(scaled, key=lambda x: x[0])]
+        runs[name] = [(scale, r.label) for scale, r in sorted(scaled, key=lambda x: x[0])]
+    comparison = build_comparison(results, general_name, retention_threshold, perplexity_threshold,
+                                  runs if scales is not None else None)
     print_comparison(comparison, console)
     if out is not None:
         atomic_write_text(out, json.dumps(comparison, indent=1, ensure_ascii=False) + "\n")
@@ -219,8 +263,39 @@ def print_comparison(comparison: dict[str, Any], console: Any, samples: int = 3)
             console.print(f"answer retention on {forgetting['dataset']} ({forgetting['metric']}): {label} {_fmt(value)}")
     if forgetting.get("perplexity"):
         console.print("general text perplexity: " + ", ".join(f"{k} {_fmt(v)}" for k, v in forgetting["perplexity"].items()))
+    for adapter, rows in (comparison.get("scales") or {}).items():
+        console.print(scale_table(comparison, adapter, rows))
     for warning in forgetting.get("warnings", []):
         console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+
+
+def scale_table(comparison: dict[str, Any], adapter: str, rows: list[dict[str, Any]]) -> Any:
+    """One row per scale (scale 0: the base model): what each set's primary metric gained, what the
+    general set kept (retention) and general-text perplexity."""
+    from rich.table import Table
+
+    forgetting = comparison.get("forgetting", {})
+    general, base = forgetting.get("dataset"), comparison["labels"][0]
+    base_row = {"scale": 0, "label": base, "retention": 1.0 if any(r["retention"] is not None for r in rows) else None,
+                "perplexity": (forgetting.get("perplexity") or {}).get(base),
+                "metrics": {name: {m: v.get(base) for m, v in d["metrics"].items()}
+                            for name, d in comparison["datasets"].items()}}
+    primary = [(name, d["primary_metric"]) for name, d in comparison["datasets"].items()
+               if name != general and d["primary_metric"]]
+    columns = [(f"{name}: {metric}", lambda r, n=name, m=metric: r["metrics"][n].get(m)) for name, metric in primary]
+    if general is not None:
+        columns.append((f"{general}: retention", lambda r: r["retention"]))
+        if "perplexity" in comparison["datasets"][general]["metrics"]:
+            columns.append((f"{general}: perplexity", lambda r: r["metrics"][general].get("perplexity")))
+    if any(r["perplexity"] is not None for r in rows):
+        columns.append(("text perplexity", lambda r: r["perplexity"]))
+    table = Table(title=f"adapter strength: {adapter} (scale 0 = {base})")
+    table.add_column("scale", justify="right")
+    for head, _ in columns:
+        table.add_column(head, justify="right")
+    for row in [base_row, *rows]:
+        table.add_row(f"{row['scale']:g}", *[_fmt(get(row)) for _, get in columns])
+    return table
 
 
 def _short(text: str, n: int = 160) -> str:

@@ -5,7 +5,10 @@ and optionally a general text (perplexity). `build_comparison` lines the results
 `compare.json` shape that `report.py` renders, and adds the forgetting check: on a general
 question set, the share of the answers the base model got right that each tuned model still
 gets right (answer retention), and the change in perplexity on general text; either past its
-threshold gives a warning.
+threshold gives a warning. With adapters run at several strengths (`compare --scale`), each
+(adapter, scale) is one model of the comparison, and the `scales` section lines up, per adapter
+and scale, what the tune taught (each set's primary metric) against what it cost (retention,
+perplexity).
 """
 
 from __future__ import annotations
@@ -87,8 +90,13 @@ def build_comparison(
     general: str | None = None,
     retention_threshold: float = 0.9,
     perplexity_threshold: float = 0.10,
+    scales: dict[str, list[tuple[float, str]]] | None = None,
 ) -> dict[str, Any]:
-    """compare.json: labels, per-dataset metrics and examples side by side, forgetting check."""
+    """compare.json: labels, per-dataset metrics and examples side by side, forgetting check.
+
+    `scales`: adapter -> [(scale, label of its result)] when adapters ran at several strengths;
+    adds the `scales` section (see `scale_section`).
+    """
     labels = [r.label for r in results]
     base = results[0]
     datasets: dict[str, Any] = {}
@@ -119,7 +127,33 @@ def build_comparison(
     if forgetting.get("perplexity"):
         summary.append({"metric": "general text perplexity", "values": forgetting["perplexity"],
                         "higher_is_better": False})
-    return {"labels": labels, "summary": summary, "datasets": datasets, "forgetting": forgetting}
+    comparison = {"labels": labels, "summary": summary, "datasets": datasets, "forgetting": forgetting}
+    if scales:
+        comparison["scales"] = scale_section(results, datasets, forgetting, scales)
+    return comparison
+
+
+def scale_section(results: Sequence[ModelResult], datasets: dict[str, Any], forgetting: dict[str, Any],
+                  scales: dict[str, list[tuple[float, str]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per adapter, one entry per scale (ascending): every dataset's metrics, the primary metric of
+    each non-general set, answer retention on the general set and general-text perplexity."""
+    by_label = {r.label: r for r in results}
+    general = forgetting.get("dataset")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for adapter, runs in scales.items():
+        rows = []
+        for scale, label in sorted(runs):
+            r = by_label[label]
+            primary = {name: {"metric": entry["primary_metric"],
+                              "value": r.datasets[name]["metrics"].get(entry["primary_metric"])}
+                       for name, entry in datasets.items() if name != general and entry["primary_metric"]}
+            rows.append({"scale": scale, "label": label,
+                         "metrics": {name: d["metrics"] for name, d in r.datasets.items()},
+                         "primary": primary,
+                         "retention": (forgetting.get("retention") or {}).get(label),
+                         "perplexity": r.text_perplexity})
+        out[adapter] = rows
+    return out
 
 
 def forgetting_check(results: Sequence[ModelResult], general: str | None, retention_threshold: float,

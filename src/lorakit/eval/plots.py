@@ -37,8 +37,9 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def line_plot(title: str, ylabel: str, lines: list[Series | None], logy: bool = False) -> str | None:
-    """A PNG of `lines` against step as a data: URI (None when no line has a point)."""
+def line_plot(title: str, ylabel: str, lines: list[Series | None], logy: bool = False, xlabel: str = "step",
+              integer_x: bool = True) -> str | None:
+    """A PNG of `lines` against step (or `xlabel`) as a data: URI (None when no line has a point)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -56,8 +57,9 @@ def line_plot(title: str, ylabel: str, lines: list[Series | None], logy: bool = 
     if logy and all(v > 0 for s in lines for v in s.values):
         ax.set_yscale("log")
     ax.set_title(title, fontsize=11)
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if len(lines) > 1:
@@ -90,3 +92,48 @@ def run_plots(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if uri is not None:
             plots.append((title, uri))
     return plots
+
+
+def scale_plots(comparison: dict[str, Any]) -> list[tuple[str, str]]:
+    """(caption, data URI) per adapter of compare.json's `scales`: each set's primary metric and the
+    general answer retention against the adapter's strength, from scale 0 (the base model)."""
+    scales, datasets, labels = (comparison.get(k) for k in ("scales", "datasets", "labels"))
+    if not isinstance(scales, dict) or not isinstance(datasets, dict) or not isinstance(labels, list) or not labels:
+        return []
+    base = labels[0]
+    plots = []
+    for adapter, rows in scales.items():
+        rows = [r for r in rows if isinstance(r, dict) and _number(r.get("scale"))] if isinstance(rows, list) else []
+        primary = dict.fromkeys((name, p.get("metric")) for r in rows if isinstance(r.get("primary"), dict)
+                                for name, p in r["primary"].items() if isinstance(p, dict))
+        lines = []
+        for name, metric in primary:
+            at_base = _at(datasets, name, "metrics", metric, base)
+            points = [(0.0, at_base)] + [(r["scale"], _at(r, "primary", name, "value")) for r in rows]
+            lines.append(_xy(f"{name}: {metric}", points))
+        if any(_number(r.get("retention")) for r in rows):
+            kept = [(0.0, 1.0)] + [(r["scale"], r.get("retention")) for r in rows]
+            lines.append(_xy("general answer retention", kept, dashed=True))
+        uri = line_plot(_plain(f"{adapter}: taught vs kept"), "score", lines, xlabel="adapter scale (0 = base model)",
+                        integer_x=False)
+        if uri is not None:
+            plots.append((f"Adapter strength: {adapter}", uri))
+    return plots
+
+
+def _at(d: Any, *keys: Any) -> Any:
+    for key in keys:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def _xy(label: str, points: list[tuple[Any, Any]], dashed: bool = False) -> Series | None:
+    points = [(float(x), float(y)) for x, y in points if _number(x) and _number(y)]
+    if not points:
+        return None
+    return Series(_plain(label), [x for x, _ in points], [y for _, y in points], dashed)
+
+
+def _plain(text: str) -> str:
+    """Text matplotlib draws as is: a `$` would start mathtext."""
+    return str(text).replace("$", r"\$")

@@ -191,6 +191,7 @@ def render(run: Run) -> str:
         _section("Evaluation during training", _eval_table(run)),
         _datasets(cmp, labels),
         _forgetting(cmp, labels),
+        _scales(cmp, labels),
         _section("Resolved config",
                  f"<pre>{_e(run.config_text)}</pre>" if run.config_text else _none("no config.yaml")),
     ]
@@ -263,6 +264,9 @@ def _key_numbers(run: Run) -> str:
         ("CUDA peak allocated", f"{fmt(cuda)} MB" if cuda is not None else None),
         ("trainable params", trainable), ("adapted modules", start.get("adapted_modules")),
         ("final eval loss", eval_loss), ("final perplexity", ppl), ("best eval loss", s.get("best_eval_loss")),
+        (f"best {s.get('best_metric')} (adapter-best)", f"{fmt(s.get('best_value'))} at step {fmt(s.get('best_step'))}"
+         if s.get("best_metric") else None),
+        ("early stopped at step", s.get("early_stopped_at")),
         ("last train loss", s.get("train_loss_last", _last(train, "loss"))),
         ("examples (train / eval)", f"{fmt(start.get('examples'))} / {fmt(start.get('eval_examples'))}"
          if start else None),
@@ -403,6 +407,30 @@ def _forgetting(cmp: dict[str, Any], labels: list[str]) -> str:
     return _section("Forgetting", (_table(["", *labels], rows) if rows else "") + (
         '<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"
         if warnings else _none("no forgetting warnings")))
+
+
+def _scales(cmp: dict[str, Any], labels: list[str]) -> str:
+    """`compare --scale`: per adapter, the plot and the table of what each strength taught and kept."""
+    from lorakit.eval.plots import scale_plots
+
+    scales = cmp.get("scales")
+    if not isinstance(scales, dict) or not scales or not labels:
+        return ""
+    plots = "".join(f'<figure><img alt="{_e(title)}" src="{uri}"></figure>' for title, uri in scale_plots(cmp))
+    tables = []
+    for adapter, rows in scales.items():
+        rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+        names = list(dict.fromkeys(n for r in rows if isinstance(r.get("primary"), dict) for n in r["primary"]))
+        metric = {n: next((m for r in rows if (m := _get(r, "primary", n, "metric"))), "?") for n in names}
+        head = ["scale", *(f"{n}: {metric[n]}" for n in names),
+                "general answer retention", "text perplexity"]
+        body = [[_e(fmt(r.get("scale"))), *(_e(fmt(_get(r, "primary", n, "value"))) for n in names),
+                 _e(fmt(r.get("retention"))), _e(fmt(r.get("perplexity")))] for r in rows]
+        tables.append(f"<h3>{_e(adapter)}</h3>" + _table(head, body))
+    return _section("Adapter strength", f'<div class="plots">{plots}</div>' + "".join(tables) +
+                    '<p class="note">Each adapter evaluated with its update multiplied by the scale '
+                    "(<code>lorakit merge --scale</code> merges the same model); scale 0 in the plot is "
+                    f"{_e(labels[0])}.</p>")
 
 
 def _eval_table(run: Run) -> str:

@@ -16,7 +16,6 @@ way the adapter runs in training), and the merged model must reproduce those log
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters.lora import lora_scaling
 from lorakit.adapters.state import (
     LORAKIT_META,
     PEFT_PREFIX,
@@ -111,8 +111,8 @@ def adapter_factors(ref: AdapterRef, alpha: float | None = None, scale: float = 
         r = int(a.shape[0])
         layer_alpha = alpha if alpha is not None else float(_pattern_value(config.get("alpha_pattern") or {}, name,
                                                                               base_alpha))
-        scaling = layer_alpha / (math.sqrt(r) if use_rslora else r)
-        factors.append(LoRAFactor(str(ref.path), name, a, b, scaling * scale * ref.weight))
+        scaling = lora_scaling(layer_alpha, r, use_rslora) * scale * ref.weight
+        factors.append(LoRAFactor(str(ref.path), name, a, b, scaling))
     return factors
 
 

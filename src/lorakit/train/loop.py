@@ -31,6 +31,7 @@ from lorakit.memory import peak_rss_mb, rss_mb
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.early_stop import EarlyStop, check_rows
 from lorakit.train.frozen_cache import frozen_block_cache
 from lorakit.train.kl_anchor import KLAnchor
 from lorakit.train.log import MetricsLog, progress_bar
@@ -49,6 +50,8 @@ class TrainResult:
     elapsed: float = 0.0
     peak_rss_mb: float | None = None
     frozen_replays: int = 0  # batches whose frozen lower blocks were replayed, not recomputed
+    early_stopped_at: int | None = None  # train.early_stop: the step training stopped at (None: it ran to the end)
+    best_step: int | None = None  # train.early_stop: the step of the best generation metric (adapter-best/)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -330,6 +333,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
         console.print(f"quantized {q['quantized_layers']} linear layers to {q['method']} "
                       f"(compute in {q['compute_dtype']}{', loaded layer by layer' if q['streamed'] else ''})")
     data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    stopper = _early_stopper(cfg, data.eval)  # None without train.early_stop
     adapted = prepare_model(model, cfg.adapter)
     console.print(f"model {cfg.model.name}: {parameter_summary(model)}")
     if cfg.data.packing and not packing_works(model, device):
@@ -404,6 +408,8 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
         step, best_eval = state["step"], state.get("best_eval_loss", math.inf)
         tokens, trained_tokens = state.get("tokens", 0), state.get("trained_tokens", 0)
         elapsed_before = state.get("elapsed", 0.0)
+        if stopper is not None:
+            stopper.restore(state.get("early_stop"))
         stream = BatchStream(train_items, tc.batch_size, pad_id, cfg.seed, state["epoch"], state["batch_index"])
         console.print(f"resumed from {ckpt_path} (step {step})")
     elif resume:
@@ -432,7 +438,7 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     window_tokens, window_start = 0, time.perf_counter()
     with progress_bar(console, disable=quiet or not dist.is_main()) as bar:
         task = bar.add_task("train", total=total_steps, completed=step, loss="-", lr="-", tps="-")
-        while step < total_steps:
+        while step < total_steps and not (stopper is not None and stopper.stopped):
             lr = lr_at(step, total_steps, tc)
             set_lr(optimizer, lr)
             micro = [to_device(stream.next(), device) for _ in range(tc.grad_accum)]
@@ -463,24 +469,30 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
                 best_eval, _ = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
+                gen = _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
+                if stopper is not None and _early_stop(stopper, gen, model, step, log, run_dir, meta, cfg, console):
+                    break
             if tc.save_every and step % tc.save_every == 0 and step < total_steps:  # every rank: FSDP gathers
                 state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
-                         "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": elapsed}
+                         "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": elapsed,
+                         "early_stop": stopper.state() if stopper is not None else None}
                 save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
 
     best_eval, final_eval = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
     if frozen is not None:
         result.frozen_replays = frozen.hits
         frozen.remove()  # the model is an ordinary model again
-    if cfg.eval.every:
-        _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
+    if cfg.eval.every and not (stopper is not None and stopper.stopped):  # a stopped run was just evaluated
+        gen = _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
+        if stopper is not None:
+            _keep_best_generation(stopper, gen, model, step, run_dir, meta, cfg)
     result.eval_loss, result.tokens, result.trained_tokens = final_eval, tokens, trained_tokens
     result.elapsed = elapsed_before + time.perf_counter() - start
     result.peak_rss_mb = peak_rss_mb()
     dist.on_main(model, _save_final, model, tokenizer, run_dir, meta, cfg)  # every rank: FSDP gathers, rank 0 writes
     state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
-             "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": result.elapsed}
+             "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": result.elapsed,
+             "early_stop": stopper.state() if stopper is not None else None}
     save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
     if dist.is_main():
         summary = {
@@ -491,6 +503,10 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
             "trained_tokens_per_s": round(trained_tokens / max(result.elapsed, 1e-9), 2), "peak_rss_mb": result.peak_rss_mb,
             "frozen_block_replays": result.frozen_replays,
         }
+        if stopper is not None:
+            result.early_stopped_at, result.best_step = stopper.stopped_at, stopper.best_step
+            summary.update(early_stopped_at=stopper.stopped_at, best_step=stopper.best_step,
+                           best_metric=stopper.metric, best_value=stopper.best)
         atomic_write_text(run_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
         if log:
             log.write("end", **summary)
@@ -523,21 +539,58 @@ def _write_report(run_dir: Path, console: Any) -> None:
                       f"retry with: lorakit report {run_dir}")
 
 
-def _generation_eval(model, tokenizer, cfg, examples, step, log, console) -> None:
+def _generation_eval(model, tokenizer, cfg, examples, step, log, console) -> dict[str, Any] | None:
     """Generation metrics on the first eval rows (config `eval:`), logged as a gen_eval event."""
     from lorakit.eval.during_training import generation_eval
 
     result = generation_eval(model, tokenizer, cfg, examples)  # every rank: FSDP forwards are collective
     if result is None:
-        return
+        return None
     if log:
         log.write("gen_eval", step=step, n=result["n"], metrics=result["metrics"])
     shown = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if v is not None)
     console.print(f"step {step}: generation eval on {result['n']} rows: {shown}")
+    return result
+
+
+def _early_stopper(cfg: Config, examples: list[Any]) -> EarlyStop | None:
+    """train.early_stop's tracker, after checking that its metric can be scored on the eval rows."""
+    if cfg.train.early_stop is None:
+        return None
+    from lorakit.eval.during_training import generation_rows
+
+    check_rows(cfg.train.early_stop.metric, [target for _, target in generation_rows(cfg, examples)])
+    return EarlyStop(cfg.train.early_stop.metric, cfg.train.early_stop.patience)
+
+
+def _keep_best_generation(stopper, result, model, step, run_dir, meta, cfg) -> None:
+    """Record a generation eval in `stopper`; a new best is saved as adapter-best/ (step and value in lorakit.json)."""
+    value = None if result is None else result["metrics"].get(stopper.metric)
+    if value is not None:  # the ranks' mean, so every rank takes the same decision
+        value = dist.sum_over_ranks(float(value)) / dist.world_size()
+    if stopper.update(step, value) and any(True for _ in lora_layers(model)):  # every rank: FSDP gathers
+        dist.on_main(model, save_adapter, model, run_dir / "adapter-best", cfg.model.name,
+                     dict(meta, step=step, best_metric=stopper.metric, best_value=value))
+
+
+def _early_stop(stopper, result, model, step, log, run_dir, meta, cfg, console) -> bool:
+    """After a generation eval during training: keep the best; True (stop) after `patience` evals without one."""
+    _keep_best_generation(stopper, result, model, step, run_dir, meta, cfg)
+    if not stopper.patience_spent:
+        return False
+    stopper.stopped_at = step
+    best = "none" if stopper.best is None else f"{stopper.best:.4f} at step {stopper.best_step}"
+    if log:
+        log.write("early_stop", step=step, metric=stopper.metric, best_step=stopper.best_step,
+                  best_value=stopper.best, patience=stopper.patience)
+    console.print(f"early stop at step {step}: {stopper.metric} did not improve for {stopper.patience} generation "
+                  f"eval(s); best {best} (adapter-best/)")
+    return True
 
 
 def _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg):
-    """Evaluate; log eval loss and perplexity; keep the best adapter in adapter-best/.
+    """Evaluate; log eval loss and perplexity; keep the best adapter in adapter-best/ (by the
+    generation metric instead, in _keep_best_generation, with train.early_stop).
 
     Returns (best eval loss so far, this evaluation's loss or None).
     """
@@ -548,7 +601,7 @@ def _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log,
         log.write("eval", step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
     if loss < best_eval:
         best_eval = loss
-        if any(True for _ in lora_layers(model)):  # every rank: FSDP gathers, rank 0 writes
+        if cfg.train.early_stop is None and any(True for _ in lora_layers(model)):  # every rank: FSDP gathers
             dist.on_main(model, save_adapter, model, run_dir / "adapter-best", cfg.model.name, dict(meta, step=step, eval_loss=loss))
     return best_eval, loss
 
