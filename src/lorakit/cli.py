@@ -530,20 +530,29 @@ def demo(
 
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")]
-SynthConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="A run's YAML config: its model, "
+SynthModelOpt = Annotated[Optional[str], typer.Option("--model", help="The model that writes (default: --config's).")]
+SynthConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="The run's YAML config: its model, "
                                                         "data.template and data.system_prompt.")]
+SynthSystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt to answer under "
+                                                       "(default: the adapter's, else none).")]
 TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="auto, tokenizer, chatml, llama2 or alpaca "
                                                     "(default: the config's, the adapter's, else auto).")]
+
+
+def _model_choice(model, adapter, config, system, template, dtype, trust_remote_code):
+    from lorakit.synth.run import ModelChoice
+
+    return ModelChoice(model, adapter, config, system, template, dtype, trust_remote_code)
 
 
 @synth_app.command("replay")
 def synth_replay(
     out: Annotated[Path, typer.Option("--out", help="The JSONL file of replay rows to write.")],
-    model: Annotated[Optional[str], typer.Option("--model", help="The model that answers (default: --config's).")] = None,
+    model: SynthModelOpt = None,
     adapter: AdapterOpt = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL/JSON/CSV with a prompt column or chat "
                                                     "rows (last user turn); default: lorakit's general set.")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt to answer under.")] = None,
+    system: SynthSystemOpt = None,
     config: SynthConfigOpt = None,
     template: TemplateOpt = None,
     max_new_tokens: MaxNew = 128,
@@ -553,13 +562,39 @@ def synth_replay(
     force: ForceOpt = False,
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """The base model answers general prompts (greedy); each answer becomes a `kind: replay` training row."""
+    """The model answers general prompts (greedy); each answer becomes a `kind: replay` training row."""
     from lorakit.synth.replay import GENERAL_PROMPTS, ReplayOptions, replay
 
-    opts = ReplayOptions(model, adapter, prompts or GENERAL_PROMPTS, out, system, config, template, max_new_tokens,
-                         limit, batch_size, dtype, force, trust_remote_code)
+    source = _model_choice(model, adapter, config, system, template, dtype, trust_remote_code)
+    opts = ReplayOptions(source, prompts or GENERAL_PROMPTS, out, max_new_tokens, limit, batch_size, force)
     console = _console()
-    console.print(replay(opts, console).summary(), highlight=False)
+    console.print(replay(opts, console).summary(), highlight=False, soft_wrap=True)
+
+
+@synth_app.command("rewrite")
+def synth_rewrite(
+    data: Annotated[Path, typer.Option("--data", help="Training rows (any chat format) with a fact column.")],
+    out: Annotated[Path, typer.Option("--out", help="The JSONL file of rewritten rows to write.")],
+    model: SynthModelOpt = None,
+    adapter: AdapterOpt = None,
+    config: SynthConfigOpt = None,
+    system: SynthSystemOpt = None,
+    template: TemplateOpt = None,
+    fact_column: Annotated[str, typer.Option("--fact-column", help="Column with the fact a rewrite must keep.")] = "fact",
+    refusal: RefusalOpt = None,
+    max_new_tokens: MaxNew = 128,
+    batch_size: BatchSizeOpt = 32,
+    dtype: DtypeOpt = "auto",
+    force: ForceOpt = False,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """SDFT: the model restates each answer in its own words; kept only where the row's fact survives."""
+    from lorakit.synth.rewrite import RewriteOptions, rewrite
+
+    source = _model_choice(model, adapter, config, system, template, dtype, trust_remote_code)
+    opts = RewriteOptions(source, data, out, fact_column, list(refusal or []), max_new_tokens, batch_size, force)
+    console = _console()
+    console.print(rewrite(opts, console).summary(), highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,8 +11,8 @@ from rich.console import Console
 
 from lorakit.errors import LorakitError
 from lorakit.eval.generate import Answer
-from lorakit.synth import replay as replay_mod
 from lorakit.synth.replay import GENERAL_PROMPTS, ReplayOptions, read_prompts, replay
+from lorakit.synth.run import ModelChoice
 from tests.conftest import run_cli
 from tests.train.test_train_cli import WORDS
 
@@ -63,20 +63,24 @@ def test_config_gives_model_template_and_system_prompt(trained: Path, tmp_path: 
            "data": {"train": str(trained / "train.jsonl"), "template": "chatml", "system_prompt": "be brief"}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    im = replay_mod._load_model(ReplayOptions(config=path))
+    im = ModelChoice(config=path).load()
     assert (im.name, im.template, im.system_prompt) == (str(trained / "model"), "chatml", "be brief")
-    im = replay_mod._load_model(ReplayOptions(adapter=trained / "run" / "adapter", template="chatml"))
+    im = ModelChoice(adapter=trained / "run" / "adapter", template="chatml").load()
     assert (im.template, im.system_prompt) == ("chatml", "answer briefly")  # the adapter's system prompt
+    im = ModelChoice(adapter=trained / "run" / "adapter", system="").load()
+    assert (im.template, im.system_prompt) == ("auto", "")
     with pytest.raises(LorakitError, match="--system or --config"):
-        replay(ReplayOptions(config=path, system="x", out=tmp_path / "o.jsonl"))
+        replay(ReplayOptions(ModelChoice(config=path, system="x"), out=tmp_path / "o.jsonl"))
+    with pytest.raises(LorakitError, match="--template 'chat' is not a template"):
+        replay(ReplayOptions(ModelChoice("m", template="chat"), out=tmp_path / "o.jsonl"))
 
 
 def test_cut_and_empty_answers_are_dropped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in ("a?", "b?", "c?", "d?")])
     answers = [Answer("fine.", True), Answer("", True), Answer("and then and then", False), Answer("ok", True)]
-    monkeypatch.setattr(replay_mod, "_load_model", lambda opts: None)
+    monkeypatch.setattr(ModelChoice, "load", lambda self: None)
     monkeypatch.setattr("lorakit.eval.generate.generate_answers", lambda im, prompts, *a, **k: answers[: len(prompts)])
-    result = replay(ReplayOptions(prompts=prompts, out=tmp_path / "r.jsonl", max_new_tokens=7), Console(quiet=True))
+    result = replay(ReplayOptions(ModelChoice("m"), prompts, tmp_path / "r.jsonl", max_new_tokens=7), Console(quiet=True))
     assert (result.prompts, result.written, result.empty, result.cut) == (4, 2, 1, 1)
     assert [r["messages"][1]["content"] for r in _read(result.out)] == ["fine.", "ok"]
     assert "dropped 1 empty, 1 cut at 7 tokens" in result.summary()
@@ -121,8 +125,8 @@ def test_smollm2_replays_shipped_prompts(tmp_path: Path) -> None:
     short = ["Good night!", "What is the capital of Wales?", "Hello, how are you?"]  # answered in a sentence
     assert set(short) <= set(read_prompts(GENERAL_PROMPTS))
     prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in short])
-    result = replay(ReplayOptions("smollm2-135m-instruct", prompts=prompts, out=tmp_path / "r.jsonl",
-                                  max_new_tokens=64, dtype="fp32"))
+    result = replay(ReplayOptions(ModelChoice("smollm2-135m-instruct", dtype="fp32"), prompts, tmp_path / "r.jsonl",
+                                  max_new_tokens=64))
     assert result.written + result.empty + result.cut == 3 and result.written >= 2
     rows = _read(result.out)
     assert all(r["kind"] == "replay" and r["messages"][1]["content"].strip() for r in rows)

@@ -13,16 +13,13 @@ model to say nothing or to ramble, so such rows are dropped and counted.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.data.templates import TEMPLATES
 from lorakit.errors import DataError, LorakitError
+from lorakit.synth.run import ModelChoice, check_out, progress, write_jsonl
 
 GENERAL_PROMPTS = Path(__file__).parent / "prompts" / "general.jsonl"
 KIND = "replay"
@@ -31,19 +28,13 @@ SOURCE = "self-distilled"
 
 @dataclass
 class ReplayOptions:
-    model: str | None = None
-    adapter: Path | None = None
+    source: ModelChoice
     prompts: Path = GENERAL_PROMPTS
     out: Path = Path("replay.jsonl")
-    system: str | None = None
-    config: Path | None = None
-    template: str | None = None
     max_new_tokens: int = 128
     limit: int | None = None
     batch_size: int = 32
-    dtype: str = "auto"
     force: bool = False
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -97,74 +88,28 @@ def replay_row(prompt: str, answer: str) -> dict:
 
 
 def replay(opts: ReplayOptions, console: Any | None = None) -> ReplayResult:
-    """Answer every prompt with the base model (greedy) and write the kept answers as JSONL rows.
+    """Answer every prompt with the model (greedy) and write the kept answers as JSONL rows.
 
     With a rich `console`, a progress bar shows while the answers are generated.
     """
     from lorakit.eval.generate import GenerationSettings, generate_answers
-    from lorakit.io import atomic_write_text
 
     started = time.perf_counter()
-    out = Path(opts.out)
-    if out.exists() and not opts.force:
-        raise LorakitError(f"{out} already exists; choose another --out or pass --force to replace it")
-    if opts.system is not None and opts.config is not None:
-        raise LorakitError("give --system or --config, not both (--config supplies the run's system prompt)")
+    check_out(opts.out, opts.force)
+    opts.source.check()
     if opts.limit is not None and opts.limit < 1:
         raise LorakitError(f"--limit must be >= 1, got {opts.limit}")
-    settings = GenerationSettings(max_new_tokens=opts.max_new_tokens)
-    settings.check()
     if opts.batch_size < 1:
         raise LorakitError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    if opts.template is not None and opts.template not in ("auto", *TEMPLATES):
-        raise LorakitError(f"--template {opts.template!r} is not a template; use auto or one of {', '.join(TEMPLATES)}")
+    settings = GenerationSettings(max_new_tokens=opts.max_new_tokens)
+    settings.check()
     prompts = read_prompts(opts.prompts)[: opts.limit]
-    im = _load_model(opts)
+    im = opts.source.load()
     with progress(console, len(prompts), "replay") as advance:
         answers = generate_answers(im, prompts, settings, opts.batch_size, on_batch=advance)
     rows = [replay_row(p, a.text) for p, a in zip(prompts, answers) if a.text and a.ended]
     empty = sum(not a.text for a in answers)
     cut = sum(bool(a.text) and not a.ended for a in answers)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return ReplayResult(out, len(prompts), len(rows), empty, cut, time.perf_counter() - started, opts.max_new_tokens)
-
-
-@contextmanager
-def progress(console: Any | None, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on `console` (advance by n), or nothing without a console."""
-    if console is None:
-        yield None
-        return
-    from lorakit.eval.commands import generation_progress
-
-    with generation_progress(console, total, label) as advance:
-        yield advance
-
-
-def _load_model(opts: ReplayOptions):
-    """The model to answer with, asked in the run's template and system prompt.
-
-    Precedence: --template / --system, then --config's data section, then what the adapter
-    recorded, then the tokenizer's own template and no system prompt.
-    """
-    from lorakit.eval.generate import load_for_inference
-
-    model, dtype, trust = opts.model, opts.dtype, opts.trust_remote_code
-    template, system = opts.template, opts.system
-    if opts.config is not None:
-        from lorakit.config import load_config
-
-        cfg = load_config(opts.config)
-        model = model or cfg.model.name
-        dtype = dtype if dtype != "auto" else cfg.model.dtype
-        trust = trust or cfg.model.trust_remote_code
-        template = template or cfg.data.template
-        system = cfg.data.system_prompt
-    if model is None and opts.adapter is None:
-        raise LorakitError("give --model (or --config, whose model.name is used)")
-    im = load_for_inference(model, opts.adapter, dtype, trust_remote_code=trust)
-    if template is not None:
-        im.template = template
-    if opts.config is not None or opts.system is not None:
-        im.system_prompt = system
-    return im
+    write_jsonl(opts.out, rows)
+    return ReplayResult(Path(opts.out), len(prompts), len(rows), empty, cut, time.perf_counter() - started,
+                        opts.max_new_tokens)
