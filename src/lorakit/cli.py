@@ -1,12 +1,14 @@
 """The `lorakit` command. Thin: each command parses its arguments and calls one library function.
 
 User mistakes raise LorakitError; `main()` prints them as `error: ...` lines and exits 2,
-without a traceback. Heavy imports (torch, transformers) happen inside the commands so
-`lorakit --help` stays fast.
+without a traceback; any other exception is one line naming its type, exit 1. `--debug` (or
+LORAKIT_DEBUG=1) shows the full traceback instead. Heavy imports (torch, transformers) happen
+inside the commands so `lorakit --help` stays fast.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -521,14 +523,75 @@ def demo(
     run_demo(output_dir, config, overrides, limit, merge=merge)
 
 
+_OOM_HINTS = {
+    "train": "lower train.batch_size or data.max_length (raise train.grad_accum to keep the batch), "
+             "or set train.gradient_checkpointing: true or adapter.method: qlora",
+    "demo": "lower train.batch_size or data.max_length with --set, or pass --limit",
+    "generate": "lower --batch-size or --max-new-tokens",
+    "chat": "lower --max-new-tokens",
+    "eval": "lower --batch-size or --max-length",
+    "compare": "lower --batch-size or --max-length",
+    "merge": "merge on a machine with more memory, or use --no-verify",
+    "export": "export on a machine with more memory, or use --no-verify",
+}
+
+
+def debug_enabled() -> bool:
+    """--debug or LORAKIT_DEBUG=1: show full tracebacks instead of one-line errors."""
+    return os.environ.get("LORAKIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Take --debug out of argv wherever it appears before a `--` (every command accepts it)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return rest, len(rest) != len(argv)
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # only loaded when a command needed it
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (oom_type is not None and isinstance(err, oom_type)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def _error_lines(err: BaseException, command: str) -> tuple[list[str], int]:
+    """What the user sees for `err` without --debug, and the exit code."""
+    if isinstance(err, LorakitError):
+        return [f"error: {line}" for line in str(err).splitlines() or [type(err).__name__]], err.exit_code
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    if _is_oom(err):
+        hint = _OOM_HINTS.get(command, "lower the batch size or sequence length")
+        return [f"error: out of memory ({type(err).__name__}); {hint}"], 1
+    what = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return [f"error: {what} (this is a bug or an unexpected failure in lorakit; run with --debug for the traceback)"], 1
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also LORAKIT_DEBUG=1).")] = False,
+) -> None:
+    """--debug is taken out of the arguments by main(); declared here so --help lists it."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become `error:` lines and exit code 2, never a traceback."""
+    """Entry point: user errors become `error:` lines and exit 2; anything else one line and exit 1.
+
+    With --debug (anywhere before `--`) or LORAKIT_DEBUG=1 every error keeps its full traceback.
+    """
+    args, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    if debug:
+        os.environ["LORAKIT_DEBUG"] = "1"  # torchrun children inherit it
     try:
-        app(args=argv, prog_name="lorakit")
-    except LorakitError as err:
-        for line in str(err).splitlines() or [type(err).__name__]:
-            sys.stderr.write(f"error: {line}\n")
-        sys.exit(err.exit_code)
+        app(args=args, prog_name="lorakit")
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - every failure is shown: one line, or the traceback with --debug
+        if debug_enabled():
+            raise
+        lines, code = _error_lines(err, next((a for a in args if not a.startswith("-")), ""))
+        sys.stderr.write("".join(line + "\n" for line in lines))
+        sys.exit(code)

@@ -115,7 +115,7 @@ def _read_parquet(path: Path) -> list[Record]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for a damaged or non-parquet file
-        raise DataError(f"{path}: cannot read as Parquet ({err}); is it really a .parquet file?") from None
+        raise DataError(f"{path}: cannot read as Parquet ({err}); is it really a .parquet file?") from err
 
 
 def _read_saved_dataset(path: Path) -> list[Record]:

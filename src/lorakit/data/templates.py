@@ -178,7 +178,7 @@ def _tokenizer_template(messages: list[Message], tokenizer: Any, eos: str) -> Re
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:  # jinja2 TemplateError from raise_exception(), or a bad conversation shape
             raise DataError(f"the tokenizer's chat template rejects this conversation ({err}); "
-                            "fix the conversation or set data.template: chatml") from None
+                            "fix the conversation or set data.template: chatml") from err
 
     full = apply(messages, False)
     parts: list[str] = []
