@@ -67,12 +67,13 @@ def info(
 ) -> None:
     """Architecture, parameter count, LoRA-targetable layers and weight memory of a model."""
     from rich.table import Table
+    from rich.text import Text
 
     from lorakit.models import describe_model
 
     mi = describe_model(model, trust_remote_code=trust_remote_code)
     console = _console()
-    console.print(f"[bold]{mi.name}[/bold]  ({mi.source})")
+    console.print(Text(f"{mi.name}  ({mi.source})", style="bold"))
     console.print(f"architecture   {mi.architecture} (model_type {mi.model_type})")
     console.print(f"parameters     {mi.num_params:,} ({mi.num_params / 1e6:.1f}M)")
     console.print(f"layers         {mi.num_layers}, hidden size {mi.hidden_size}, vocabulary {mi.vocab_size}")
@@ -123,22 +124,24 @@ def _print_quantized(console, model: str, method: str, blocksize: int, double_qu
 @adapter_app.command("info")
 def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-format LoRA adapter directory.")]) -> None:
     """What an adapter holds: base model, rank, alpha, targets, parameters, file size."""
+    from rich.text import Text
+
     from lorakit.adapters import adapter_info
 
     ai = adapter_info(directory)
     console = _console()
-    console.print(f"[bold]{ai.path}[/bold]")
-    console.print(f"base model     {ai.base_model or 'unknown'}")
+    console.print(Text(f"{ai.path}", style="bold"))
+    console.print(f"base model     {ai.base_model or 'unknown'}", markup=False)
     scaling = ai.alpha / (ai.r**0.5 if ai.use_rslora else ai.r)
     console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
     console.print(f"dropout        {ai.dropout:g}")
-    console.print(f"targets        {ai.target_modules}")
+    console.print(f"targets        {ai.target_modules}", markup=False)
     console.print(f"modules        {len(ai.modules)} adapted layers")
     console.print(f"parameters     {ai.num_params:,}")
     console.print(f"files          {human_bytes(ai.file_bytes)}")
     for key, value in ai.meta.items():
         if not isinstance(value, (dict, list)):
-            console.print(f"{key:<14} {value}")
+            console.print(f"{key:<14} {value}", markup=False)
 
 
 @config_app.command("show")
@@ -228,7 +231,7 @@ def merge(
     console = _console()
     console.print(f"merged {len(refs)} adapter(s) into {result.base_model}: {result.merged_layers} layers"
                   + (f", {result.dequantized_layers} quantized layers dequantized to full precision"
-                     if result.dequantized_layers else ""))
+                     if result.dequantized_layers else ""), markup=False)
     v = result.verification
     if v is not None:
         console.print(f"verified: max |logit diff| {v.max_abs_diff:.3g} (largest logit {v.max_abs_logit:.3g}), "
@@ -236,7 +239,7 @@ def merge(
         if v.adapter_effect == 0.0:
             console.print("[yellow]warning: the adapters change nothing (their B matrices are zero?); "
                           "the merged model equals the base[/yellow]")
-    console.print(f"wrote {result.out} ({result.dtype})")
+    console.print(f"wrote {result.out} ({result.dtype})", markup=False)
 
 
 @export_app.command("gguf")
@@ -258,7 +261,7 @@ def export_gguf_cmd(
         console.print(f"verified with transformers' GGUF loader: max |logit diff| {result.max_abs_diff:.3g} "
                       f"(largest logit {result.max_abs_logit:.3g}), top-1 agreement {100 * result.top1_agreement:.1f}%")
     console.print(f"wrote {result.path} ({result.arch}, {result.tensor_type}, {result.tensors} tensors, "
-                  f"{human_bytes(result.bytes)})")
+                  f"{human_bytes(result.bytes)})", markup=False)
 
 
 def _generation_options(max_new_tokens: int, temperature: float, top_p: float, seed: int, stop: list[str] | None):
@@ -327,6 +330,8 @@ def generate(
     """Answer prompts one-shot or from a file, with the chat template used in training."""
     import json
 
+    from rich.text import Text
+
     from lorakit.eval.generate import generate as run_generate
     from lorakit.eval.generate import load_for_inference
 
@@ -338,17 +343,18 @@ def generate(
     prompts = list(prompt) if prompt is not None else _read_prompts(file)
     im = load_for_inference(model, adapter, dtype, trust_remote_code=trust_remote_code)
     answers = run_generate(im, prompts, settings, batch_size=batch_size, system_prompt=system)
-    console = _console()
-    for p, a in zip(prompts, answers):
-        shown = p if isinstance(p, str) else p[-1]["content"] if p else ""
-        console.print(f"[bold]> {shown}[/bold]", highlight=False)
-        console.print(a, highlight=False, markup=False)
-    if out is not None:
+    if out is not None:  # written before anything is printed: the answers survive a broken terminal
         from lorakit.io import atomic_write_text
 
         rows = [{"prompt" if isinstance(p, str) else "messages": p, "output": a} for p, a in zip(prompts, answers)]
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        console.print(f"wrote {out}")
+    console = _console()
+    for p, a in zip(prompts, answers):
+        shown = p if isinstance(p, str) else p[-1]["content"] if p else ""
+        console.print(Text(f"> {shown}", style="bold"), highlight=False)  # user text: never markup
+        console.print(a, highlight=False, markup=False)
+    if out is not None:
+        console.print(f"wrote {out}", highlight=False, markup=False)
 
 
 @app.command()
@@ -505,7 +511,7 @@ def report(
     """(Re)write RUN_DIR/report.html: curves, metrics, before/after, samples, config; one file, viewable offline."""
     from lorakit.eval.report import write_report
 
-    _console().print(f"wrote {write_report(run_dir)}", highlight=False)
+    _console().print(f"wrote {write_report(run_dir)}", highlight=False, markup=False)
 
 
 @app.command()

@@ -35,7 +35,7 @@ def check_data(cfg: DataConfig, tokenizer: Any, seed: int, console: Console, num
     console.print(f"template: [bold]{template}[/]   max_length: {cfg.max_length}   "
                   f"legend: [{TRAINED}]trained[/] [{UNTRAINED}]not trained[/] [{CUT}]cut by max_length[/]")
     for ex in bundle.train[:num_examples]:
-        console.print(Panel(highlight(ex, template, tokenizer, cfg), title=f"{ex.source} row {ex.row}", expand=False))
+        console.print(Panel(highlight(ex, template, tokenizer, cfg), title=Text(f"{ex.source} row {ex.row}"), expand=False))
     console.print(counts_table(stats))
     _print_findings(stats, cfg, console)
     console.print(length_histogram(stats.lengths, cfg.max_length))
