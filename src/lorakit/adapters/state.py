@@ -59,6 +59,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write `what` when a floating-point tensor holds NaN/inf: a resume would reload it."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise LorakitError(
+                f"not writing {what}: {name} has {bad} NaN/inf value(s) of {t.numel()}; training diverged "
+                "(lower train.lr and resume from the last checkpoint)"
+            )
+
+
 def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """Target spec for adapter_config.json that selects exactly `names` under PEFT's rules.
 
@@ -109,8 +120,10 @@ def save_adapter(
         config["rank_pattern"] = {re.escape(n): layer.r for n, layer in layers if layer.r != first.r}
         config["alpha_pattern"] = {re.escape(n): layer.alpha for n, layer in layers if layer.alpha != first.alpha}
     directory = Path(directory)
+    weights = adapter_state_dict(model)
+    require_finite(weights, f"adapter {directory}")
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
         if meta:
             atomic_write_text(tmp / LORAKIT_META, json.dumps(meta, indent=2, default=str) + "\n")

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.adapters.inject import lora_layers
-from lorakit.adapters.state import save_adapter
+from lorakit.adapters.state import require_finite, save_adapter
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
 from lorakit.train.distributed import (full_parameters, full_tensor, gather_rng, is_main, like_param, rank_rng,
@@ -121,8 +121,11 @@ def _write_checkpoint(target: Path, step: int, model: nn.Module, opt_tensors: di
                       opt_meta: dict[str, Any], rng_tensors: dict[str, torch.Tensor], py_rngs: list[Any],
                       trainer_state: dict[str, Any], adapter_meta: dict[str, Any] | None, base_model: str | None) -> None:
     py_rng = py_rngs[0]
+    weights = trainable_state(model)
+    require_finite(weights, f"checkpoint {target}")
+    require_finite(opt_tensors, f"checkpoint {target} (optimizer state)")
     with atomic_dir(target, overwrite=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         atomic_write_text(tmp / "optimizer.json", json.dumps(opt_meta) + "\n")
         save_file(rng_tensors, str(tmp / "rng.safetensors"))

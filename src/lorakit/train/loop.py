@@ -151,6 +151,13 @@ def train_step(
         )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = dist.clip_grad_norm(params, max_grad_norm)  # over all shards under FSDP
+    if not math.isfinite(grad_norm):  # applying it would write NaN weights into the next checkpoint
+        optimizer.zero_grad(set_to_none=True)
+        raise LorakitError(
+            f"gradient norm became {grad_norm} at step {step} (loss {loss:.4g}); the step was not applied. Likely "
+            "causes: learning rate too high (train.lr), fp16 overflow, or broken data. The last good checkpoint is "
+            "kept; lower train.lr and resume"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
@@ -522,8 +529,10 @@ def _save_final(model: nn.Module, tokenizer: Any, run_dir: Path, meta: dict, cfg
     if any(True for _ in lora_layers(model)):
         save_adapter(model, run_dir / "adapter", cfg.model.name, meta)
         return
+    from lorakit.adapters.state import require_finite
     from lorakit.io import atomic_dir
 
+    require_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, f"model {run_dir / 'model'}")
     with atomic_dir(run_dir / "model", overwrite=True) as tmp:  # full fine-tuning: a whole HF model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
