@@ -163,6 +163,40 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "base_model": (str,), "template": (str,), "system_prompt": (str,), "method": (str,), "quantization": (dict,),
+    "max_length": (int,), "base_model_revision": (str,),
+}
+
+
+def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
+    """The adapter's lorakit.json: {} when absent (a PEFT-made adapter); one-line error when damaged.
+
+    A damaged file is never read as {}: that would load a QLoRA adapter onto an unquantized base.
+    """
+    path = Path(directory) / LORAKIT_META
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
+        raise LorakitError(f"{path} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                           "the adapter's metadata is damaged: restore it from the run's checkpoints/ or "
+                           "delete it to treat the adapter as a plain PEFT adapter") from err
+    if not isinstance(meta, dict):
+        raise LorakitError(f"{path} holds {type(meta).__name__}, not a JSON object; the adapter's metadata is damaged")
+    for key, types in _META_TYPES.items():
+        if meta.get(key) is not None and not isinstance(meta[key], types):
+            raise LorakitError(f"{path}: {key} is {meta[key]!r}, expected {types[0].__name__}; the metadata is damaged")
+    q = meta.get("quantization")
+    if q is not None and q.get("method") not in ("nf4", "int8"):
+        raise LorakitError(f"{path}: quantization.method is {q.get('method')!r}, expected nf4 or int8; "
+                           "the metadata is damaged")
+    if q is not None and q.get("method") == "nf4" and q.get("blocksize", 64) not in (32, 64, 128, 256):
+        raise LorakitError(f"{path}: quantization.blocksize is {q.get('blocksize')!r}, expected 32, 64, 128 or 256")
+    return meta
+
+
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     path = directory / ADAPTER_WEIGHTS
@@ -261,13 +295,7 @@ def adapter_info(
     directory = Path(directory)
     config = config if config is not None else read_adapter_config(directory)
     weights = weights if weights is not None else read_adapter_weights(directory)
-    meta: dict[str, Any] = {}
-    meta_path = directory / LORAKIT_META
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
+    meta = read_adapter_meta(directory)
     file_bytes = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
     return AdapterInfo(
         path=directory,

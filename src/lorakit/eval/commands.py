@@ -181,12 +181,9 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
 
 def adapter_meta(adapter: Path) -> dict[str, Any]:
     """The adapter's lorakit.json (template, system prompt, quantization), or {} for a PEFT-made adapter."""
-    from lorakit.adapters.state import LORAKIT_META
+    from lorakit.adapters.state import read_adapter_meta
 
-    try:
-        return json.loads((adapter / LORAKIT_META).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
+    return read_adapter_meta(adapter)
 
 
 def print_comparison(comparison: dict[str, Any], console: Any, samples: int = 3) -> None:

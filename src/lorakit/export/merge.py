@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.state import (
-    LORAKIT_META,
     PEFT_PREFIX,
     _modules_in,
     _pattern_value,
     read_adapter_config,
+    read_adapter_meta,
     read_adapter_weights,
 )
 from lorakit.errors import LorakitError
@@ -89,12 +89,7 @@ def parse_adapter_arg(text: str) -> AdapterRef:
 
 def read_adapter(ref: AdapterRef) -> AdapterRef:
     ref.config = read_adapter_config(ref.path)
-    meta_path = ref.path / LORAKIT_META
-    if meta_path.exists():
-        try:
-            ref.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            ref.meta = {}
+    ref.meta = read_adapter_meta(ref.path)
     return ref
 
 
