@@ -223,8 +223,8 @@ def merge(
 
     if alpha is not None and scale is not None:
         raise LorakitError("give --alpha or --scale, not both (--scale multiplies the update, --alpha replaces lora_alpha)")
-    if alpha is not None and alpha < 0 or scale is not None and scale < 0:
-        raise LorakitError("--alpha and --scale must be >= 0")
+    if any(v is not None and not (0 <= v < float("inf")) for v in (alpha, scale)):  # also refuses nan
+        raise LorakitError("--alpha and --scale must be finite numbers >= 0")
     refs = [parse_adapter_arg(a) for a in adapter]
     result = run_merge(refs, out, model=model, alpha=alpha, scale=1.0 if scale is None else scale, dtype=dtype,
                        verify=verify, force=force, trust_remote_code=trust_remote_code)

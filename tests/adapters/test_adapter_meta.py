@@ -49,3 +49,50 @@ def test_cli_refuses_a_damaged_lorakit_json_in_one_line(adapter: Path, tmp_path:
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "lorakit.json" in err, err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"lora_alpha": "NaN"}, "lora_alpha"),
+    ({"lora_alpha": float("inf")}, "lora_alpha"),
+    ({"lora_alpha": None}, "lora_alpha"),
+    ({"r": 0}, "r is 0"),
+    ({"lora_dropout": 2}, "lora_dropout"),
+    ({"alpha_pattern": {"q_proj(": 4}}, "not a valid regex"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, "alpha_pattern"),
+    ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern"),
+    ({"rank_pattern": {"[": 4}}, "not a valid regex"),
+    ({"rank_pattern": {"q_proj": -1}}, "rank_pattern"),
+    ({"alpha_pattern": ["q_proj"]}, "expected a mapping"),
+    ({"base_model_name_or_path": 7}, "base_model_name_or_path"),
+])
+def test_bad_adapter_config_values_are_one_line_errors(adapter: Path, change: dict, needle: str) -> None:
+    from lorakit.adapters.state import read_adapter_config
+
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))  # json writes NaN / Infinity
+    with pytest.raises(LorakitError, match=needle) as exc:
+        read_adapter_config(adapter)
+    assert "\n" not in str(exc.value)
+
+
+def test_nan_adapter_weights_are_refused_on_load(adapter: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.adapters.state import read_adapter_weights
+
+    path = adapter / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    next(iter(weights.values()))[0, 0] = float("nan")
+    save_file(weights, str(path))
+    with pytest.raises(LorakitError, match="NaN/inf"):
+        read_adapter_weights(adapter)
+    assert torch.isnan(next(iter(load_file(str(path)).values()))).any()  # the user's file is untouched
+
+
+@pytest.mark.parametrize("args", [["--adapter", "{a}:nan"], ["--adapter", "{a}", "--alpha", "nan"],
+                                  ["--adapter", "{a}", "--scale", "inf"]])
+def test_merge_refuses_non_finite_weights_alpha_scale(adapter: Path, tmp_path: Path, args, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["merge", "--out", str(tmp_path / "m"), *[a.format(a=adapter) for a in args]])
+    assert exc.value.code == 2 and "finite" in capsys.readouterr().err

@@ -81,9 +81,12 @@ def parse_adapter_arg(text: str) -> AdapterRef:
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
-            return AdapterRef(Path(path), float(weight))
+            value = float(weight)
         except ValueError:
-            pass
+            return AdapterRef(Path(text), 1.0)
+        if not math.isfinite(value):
+            raise LorakitError(f"--adapter {text}: the weight {weight!r} is not a finite number")
+        return AdapterRef(Path(path), value)
     return AdapterRef(Path(text), 1.0)
 
 

@@ -127,8 +127,8 @@ def _write_checkpoint(target: Path, step: int, model: nn.Module, opt_tensors: di
                       trainer_state: dict[str, Any], adapter_meta: dict[str, Any] | None, base_model: str | None) -> None:
     py_rng = py_rngs[0]
     weights = trainable_state(model)
-    require_finite(weights, f"checkpoint {target}")
-    require_finite(opt_tensors, f"checkpoint {target} (optimizer state)")
+    require_finite(weights, f"not writing checkpoint {target}")
+    require_finite(opt_tensors, f"not writing checkpoint {target} (optimizer state)")
     with atomic_dir(target, overwrite=True) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -188,10 +188,10 @@ def read_checkpoint(path: Path) -> CheckpointFiles:
     if any(not re.fullmatch(r"state\.\d+\.\w+", k) for k in opt_tensors):
         raise DamagedCheckpoint(f"checkpoint {path}: optimizer.safetensors has unexpected keys")
     try:
-        require_finite(weights, f"checkpoint {path}")
-        require_finite(opt_tensors, f"checkpoint {path} (optimizer state)")
+        require_finite(weights, f"checkpoint {path}", "it cannot be resumed from")
+        require_finite(opt_tensors, f"checkpoint {path} (optimizer state)", "it cannot be resumed from")
     except LorakitError as err:
-        raise DamagedCheckpoint(str(err).replace("not writing", "cannot resume from")) from err
+        raise DamagedCheckpoint(str(err)) from err
     return CheckpointFiles(path, weights, opt_tensors, opt_meta, rng, state)
 
 
