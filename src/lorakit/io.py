@@ -49,6 +49,32 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the user's umask (mkstemp/mkdtemp use 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def temp_file(path: Path, suffix: str = ".tmp") -> Path:
+    """A new, unique, empty sibling of `path` (closed), with the umask's mode; the caller renames or removes it."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=suffix)
+    os.close(fd)
+    os.chmod(tmp, umask_mode())
+    return Path(tmp)
+
+
+def publish_file(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it over `path`, fsync the directory: `path` is the old file or the whole new one."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def remove_stale_temps(directory: Path) -> list[Path]:
     """Delete the temporary siblings an interrupted atomic write left in `directory`; returns them."""
     directory = Path(directory)
