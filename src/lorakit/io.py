@@ -75,6 +75,19 @@ def publish_file(tmp: Path, path: Path) -> None:
     fsync_dir(Path(path).parent)
 
 
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes the umask implies (some writers, like
+    safetensors' save_file and mkdtemp, use 0600/0700 whatever the umask says)."""
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, dir_mode)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, dir_mode if executable else file_mode)
+
+
 def remove_stale_temps(directory: Path) -> list[Path]:
     """Delete the temporary siblings an interrupted atomic write left in `directory`; returns them."""
     directory = Path(directory)
@@ -95,6 +108,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, umask_mode())  # mkstemp's 0600 would make results private whatever the umask says
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -126,6 +140,7 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        apply_umask(tmp)  # mkdtemp's 0700, save_file's 0600: results are as shared as the user's umask says
         fsync_tree(tmp)  # the contents are on disk before the name that publishes them
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
