@@ -67,3 +67,4 @@ def test_index_cannot_point_outside_the_directory(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text("{")
     with pytest.raises(LorakitError, match="not a valid safetensors index"):
         safetensors_files(tmp_path)
+
