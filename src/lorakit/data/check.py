@@ -79,6 +79,9 @@ def _print_findings(stats: DataStats, cfg: DataConfig, console: Console) -> None
     style = "bold red" if stats.empty_mask else "green"
     say(f"[{style}]empty loss masks (nothing trained): {stats.empty_mask}[/]"
         + ("  [red]error: these examples cannot train[/]" if stats.empty_mask else ""))
+    if stats.special_tokens:
+        say(f"[bold red]rows refused for special tokens in their text: {stats.special_tokens}[/]  "
+            "[red]error: remove them (lorakit never trains on a row whose text could open or close a turn)[/]")
     for problem in stats.problems:
         say(Text(f"  {problem}", style="red"))
     style = "yellow" if stats.missing_eos else "green"
