@@ -69,3 +69,12 @@ def test_debug_shows_the_traceback(monkeypatch, where) -> None:
 def test_help_lists_debug(capsys) -> None:
     assert run_main("--help") == 0
     assert "--debug" in capsys.readouterr().out
+
+
+def test_debug_does_not_leak_into_the_callers_environment(monkeypatch) -> None:
+    import os
+
+    monkeypatch.setattr(lorakit.config, "load_config", _raising(LorakitError("x")))
+    with pytest.raises(LorakitError):
+        cli.main(["--debug", "config", "show"])
+    assert "LORAKIT_DEBUG" not in os.environ

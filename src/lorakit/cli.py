@@ -588,6 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     With --debug (anywhere before `--`) or LORAKIT_DEBUG=1 every error keeps its full traceback.
     """
     args, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or debug_enabled()
+    previous = os.environ.get("LORAKIT_DEBUG")
     if debug:
         os.environ["LORAKIT_DEBUG"] = "1"  # torchrun children inherit it
     try:
@@ -596,8 +598,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - every failure is shown: one line, or the traceback with --debug
-        if debug_enabled():
+        if debug:
             raise
         lines, code = _error_lines(err, next((a for a in args if not a.startswith("-")), ""))
         sys.stderr.write("".join(line + "\n" for line in lines))
         sys.exit(code)
+    finally:  # an in-process caller (tests, the demo) keeps its environment
+        if previous is None:
+            os.environ.pop("LORAKIT_DEBUG", None)
+        else:
+            os.environ["LORAKIT_DEBUG"] = previous
