@@ -90,3 +90,11 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path: Path, content, override
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+
+
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=NaN", "train.epochs=inf", "train.epochs=.inf",
+                                      "adapter.alpha=-inf", "train.max_grad_norm=nan", "train.adam_betas=[0.9, .nan]",
+                                      "data.eval_ratio=nan"])
+def test_non_finite_floats_are_config_errors(override: str) -> None:
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(None, [override])

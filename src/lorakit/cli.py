@@ -1,12 +1,14 @@
 """The `lorakit` command. Thin: each command parses its arguments and calls one library function.
 
 User mistakes raise LorakitError; `main()` prints them as `error: ...` lines and exits 2,
-without a traceback. Heavy imports (torch, transformers) happen inside the commands so
-`lorakit --help` stays fast.
+without a traceback; any other exception is one line naming its type, exit 1. `--debug` (or
+LORAKIT_DEBUG=1) shows the full traceback instead. Heavy imports (torch, transformers) happen
+inside the commands so `lorakit --help` stays fast.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -68,12 +70,13 @@ def info(
 ) -> None:
     """Architecture, parameter count, LoRA-targetable layers and weight memory of a model."""
     from rich.table import Table
+    from rich.text import Text
 
     from lorakit.models import describe_model
 
     mi = describe_model(model, trust_remote_code=trust_remote_code)
     console = _console()
-    console.print(f"[bold]{mi.name}[/bold]  ({mi.source})")
+    console.print(Text(f"{mi.name}  ({mi.source})", style="bold"))
     console.print(f"architecture   {mi.architecture} (model_type {mi.model_type})")
     console.print(f"parameters     {mi.num_params:,} ({mi.num_params / 1e6:.1f}M)")
     console.print(f"layers         {mi.num_layers}, hidden size {mi.hidden_size}, vocabulary {mi.vocab_size}")
@@ -124,22 +127,24 @@ def _print_quantized(console, model: str, method: str, blocksize: int, double_qu
 @adapter_app.command("info")
 def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-format LoRA adapter directory.")]) -> None:
     """What an adapter holds: base model, rank, alpha, targets, parameters, file size."""
+    from rich.text import Text
+
     from lorakit.adapters import adapter_info
 
     ai = adapter_info(directory)
     console = _console()
-    console.print(f"[bold]{ai.path}[/bold]")
-    console.print(f"base model     {ai.base_model or 'unknown'}")
+    console.print(Text(f"{ai.path}", style="bold"))
+    console.print(f"base model     {ai.base_model or 'unknown'}", markup=False)
     scaling = ai.alpha / (ai.r**0.5 if ai.use_rslora else ai.r)
     console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
     console.print(f"dropout        {ai.dropout:g}")
-    console.print(f"targets        {ai.target_modules}")
+    console.print(f"targets        {ai.target_modules}", markup=False)
     console.print(f"modules        {len(ai.modules)} adapted layers")
     console.print(f"parameters     {ai.num_params:,}")
     console.print(f"files          {human_bytes(ai.file_bytes)}")
     for key, value in ai.meta.items():
         if not isinstance(value, (dict, list)):
-            console.print(f"{key:<14} {value}")
+            console.print(f"{key:<14} {value}", markup=False)
 
 
 @config_app.command("show")
@@ -221,15 +226,15 @@ def merge(
 
     if alpha is not None and scale is not None:
         raise LorakitError("give --alpha or --scale, not both (--scale multiplies the update, --alpha replaces lora_alpha)")
-    if alpha is not None and alpha < 0 or scale is not None and scale < 0:
-        raise LorakitError("--alpha and --scale must be >= 0")
+    if any(v is not None and not (0 <= v < float("inf")) for v in (alpha, scale)):  # also refuses nan
+        raise LorakitError("--alpha and --scale must be finite numbers >= 0")
     refs = [parse_adapter_arg(a) for a in adapter]
     result = run_merge(refs, out, model=model, alpha=alpha, scale=1.0 if scale is None else scale, dtype=dtype,
                        verify=verify, force=force, trust_remote_code=trust_remote_code)
     console = _console()
     console.print(f"merged {len(refs)} adapter(s) into {result.base_model}: {result.merged_layers} layers"
                   + (f", {result.dequantized_layers} quantized layers dequantized to full precision"
-                     if result.dequantized_layers else ""))
+                     if result.dequantized_layers else ""), markup=False)
     v = result.verification
     if v is not None:
         console.print(f"verified: max |logit diff| {v.max_abs_diff:.3g} (largest logit {v.max_abs_logit:.3g}), "
@@ -237,7 +242,7 @@ def merge(
         if v.adapter_effect == 0.0:
             console.print("[yellow]warning: the adapters change nothing (their B matrices are zero?); "
                           "the merged model equals the base[/yellow]")
-    console.print(f"wrote {result.out} ({result.dtype})")
+    console.print(f"wrote {result.out} ({result.dtype})", markup=False)
 
 
 @export_app.command("gguf")
@@ -259,7 +264,7 @@ def export_gguf_cmd(
         console.print(f"verified with transformers' GGUF loader: max |logit diff| {result.max_abs_diff:.3g} "
                       f"(largest logit {result.max_abs_logit:.3g}), top-1 agreement {100 * result.top1_agreement:.1f}%")
     console.print(f"wrote {result.path} ({result.arch}, {result.tensor_type}, {result.tensors} tensors, "
-                  f"{human_bytes(result.bytes)})")
+                  f"{human_bytes(result.bytes)})", markup=False)
 
 
 def _generation_options(max_new_tokens: int, temperature: float, top_p: float, seed: int, stop: list[str] | None):
@@ -328,6 +333,8 @@ def generate(
     """Answer prompts one-shot or from a file, with the chat template used in training."""
     import json
 
+    from rich.text import Text
+
     from lorakit.eval.generate import generate as run_generate
     from lorakit.eval.generate import load_for_inference
 
@@ -339,17 +346,18 @@ def generate(
     prompts = list(prompt) if prompt is not None else _read_prompts(file)
     im = load_for_inference(model, adapter, dtype, trust_remote_code=trust_remote_code)
     answers = run_generate(im, prompts, settings, batch_size=batch_size, system_prompt=system)
-    console = _console()
-    for p, a in zip(prompts, answers):
-        shown = p if isinstance(p, str) else p[-1]["content"] if p else ""
-        console.print(f"[bold]> {shown}[/bold]", highlight=False)
-        console.print(a, highlight=False, markup=False)
-    if out is not None:
+    if out is not None:  # written before anything is printed: the answers survive a broken terminal
         from lorakit.io import atomic_write_text
 
         rows = [{"prompt" if isinstance(p, str) else "messages": p, "output": a} for p, a in zip(prompts, answers)]
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        console.print(f"wrote {out}")
+    console = _console()
+    for p, a in zip(prompts, answers):
+        shown = p if isinstance(p, str) else p[-1]["content"] if p else ""
+        console.print(Text(f"> {shown}", style="bold"), highlight=False)  # user text: never markup
+        console.print(a, highlight=False, markup=False)
+    if out is not None:
+        console.print(f"wrote {out}", highlight=False, markup=False)
 
 
 @app.command()
@@ -508,7 +516,7 @@ def report(
     """(Re)write RUN_DIR/report.html: curves, metrics, before/after, samples, config; one file, viewable offline."""
     from lorakit.eval.report import write_report
 
-    _console().print(f"wrote {write_report(run_dir)}", highlight=False)
+    _console().print(f"wrote {write_report(run_dir)}", highlight=False, markup=False)
 
 
 @app.command()
@@ -597,14 +605,82 @@ def synth_rewrite(
     console.print(rewrite(opts, console).summary(), highlight=False, soft_wrap=True)
 
 
+_OOM_HINTS = {
+    "train": "lower train.batch_size or data.max_length (raise train.grad_accum to keep the batch), "
+             "or set train.gradient_checkpointing: true or adapter.method: qlora",
+    "demo": "lower train.batch_size or data.max_length with --set, or pass --limit",
+    "generate": "lower --batch-size or --max-new-tokens",
+    "chat": "lower --max-new-tokens",
+    "eval": "lower --batch-size or --max-length",
+    "compare": "lower --batch-size or --max-length",
+    "merge": "merge on a machine with more memory, or use --no-verify",
+    "export": "export on a machine with more memory, or use --no-verify",
+}
+
+
+def debug_enabled() -> bool:
+    """--debug or LORAKIT_DEBUG=1: show full tracebacks instead of one-line errors."""
+    return os.environ.get("LORAKIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Take --debug out of argv wherever it appears before a `--` (every command accepts it)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return rest, len(rest) != len(argv)
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # only loaded when a command needed it
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (oom_type is not None and isinstance(err, oom_type)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def _error_lines(err: BaseException, command: str) -> tuple[list[str], int]:
+    """What the user sees for `err` without --debug, and the exit code."""
+    if isinstance(err, LorakitError):
+        return [f"error: {line}" for line in str(err).splitlines() or [type(err).__name__]], err.exit_code
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    if _is_oom(err):
+        hint = _OOM_HINTS.get(command, "lower the batch size or sequence length")
+        return [f"error: out of memory ({type(err).__name__}); {hint}"], 1
+    what = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return [f"error: {what} (this is a bug or an unexpected failure in lorakit; run with --debug for the traceback)"], 1
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (also LORAKIT_DEBUG=1).")] = False,
+) -> None:
+    """--debug is taken out of the arguments by main(); declared here so --help lists it."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become `error:` lines and exit code 2, never a traceback."""
+    """Entry point: user errors become `error:` lines and exit 2; anything else one line and exit 1.
+
+    With --debug (anywhere before `--`) or LORAKIT_DEBUG=1 every error keeps its full traceback.
+    """
+    args, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or debug_enabled()
+    previous = os.environ.get("LORAKIT_DEBUG")
+    if debug:
+        os.environ["LORAKIT_DEBUG"] = "1"  # torchrun children inherit it
     try:
-        app(args=argv, prog_name="lorakit")
-    except LorakitError as err:
-        for line in str(err).splitlines() or [type(err).__name__]:
-            sys.stderr.write(f"error: {line}\n")
-        sys.exit(err.exit_code)
+        app(args=args, prog_name="lorakit")
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - every failure is shown: one line, or the traceback with --debug
+        if debug:
+            raise
+        lines, code = _error_lines(err, next((a for a in args if not a.startswith("-")), ""))
+        sys.stderr.write("".join(line + "\n" for line in lines))
+        sys.exit(code)
+    finally:  # an in-process caller (tests, the demo) keeps its environment
+        if previous is None:
+            os.environ.pop("LORAKIT_DEBUG", None)
+        else:
+            os.environ["LORAKIT_DEBUG"] = previous

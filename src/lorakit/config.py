@@ -522,14 +522,19 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> tuple[bool,
             return True, int(value), ""
         return False, None, f"expected an integer, got {_kind(value)}"
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return True, float(value), ""
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return True, float(value), ""
+                number = float(value)
             except ValueError:
                 pass
-        return False, None, f"expected a number, got {_kind(value)}"
+        if number is None:
+            return False, None, f"expected a number, got {_kind(value)}"
+        if not math.isfinite(number):  # nan / inf would reach the optimizer or overflow a step count
+            return False, None, f"must be a finite number, got {value!r}"
+        return True, number, ""
     if tp is str:
         if isinstance(value, str):
             return True, value, ""

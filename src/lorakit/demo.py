@@ -124,6 +124,7 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     from lorakit.train.loop import train
 
     console = Console()
+    from rich.markup import escape
     if limit is not None and limit < 1:
         raise LorakitError(f"--limit must be >= 1, got {limit}")
     if not Path(config).is_file():
@@ -134,8 +135,8 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     data = load_demo_data(cfg, limit, train_sample)
     settings = GenerationSettings(max_new_tokens=40)  # answers are one sentence; the base model rambles on
     started = time.perf_counter()
-    console.rule(f"[bold]lorakit demo[/bold]: {cfg.model.name} learns {data.files[0].parent.name}")
-    console.print(f"run directory {run_dir}")
+    console.rule(f"[bold]lorakit demo[/bold]: {escape(cfg.model.name)} learns {escape(data.files[0].parent.name)}")
+    console.print(f"run directory {run_dir}", markup=False)
 
     def evaluate(adapter: Path | None, label: str) -> Any:
         im = load_for_inference(cfg.model.name, adapter, cfg.model.dtype)
@@ -190,12 +191,13 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
                           f"top-1 agreement {100 * v.top1_agreement:.1f}%")
         report = write({"merged": str(run_dir / "merged"), "merge_dtype": dtype})
     elapsed = time.perf_counter() - started
-    console.print(f"wrote {run_dir / 'compare.json'}, {report}; whole demo {elapsed / 60:.1f} min")
+    console.print(f"wrote {run_dir / 'compare.json'}, {report}; whole demo {elapsed / 60:.1f} min", markup=False)
     return comparison
 
 
 def print_summary(console: Any, comparison: dict[str, Any], samples: int = 3) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="before / after")
     table.add_column("metric")
@@ -209,11 +211,11 @@ def print_summary(console: Any, comparison: dict[str, Any], samples: int = 3) ->
     picked = [ex for ex in heldout if ex["scores"]["tuned"].get("fact") and not ex["scores"]["base"].get("fact")]
     unans = comparison["datasets"]["unanswerable"]["examples"][:1]
     for ex in (picked[:samples - 1] + unans)[:samples]:
-        console.print(f"[bold]Q:[/bold] {ex['prompt']}", highlight=False)
+        console.print(Text("Q: ", style="bold") + Text(ex["prompt"]), highlight=False)
         console.print(f"  base : {ex['outputs']['base']}", highlight=False, markup=False)
         console.print(f"  tuned: {ex['outputs']['tuned']}", highlight=False, markup=False)
     for warning in comparison["forgetting"].get("warnings", []):
-        console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+        console.print(Text("warning: ", style="bold yellow") + Text(warning), highlight=False)
 
 
 def _cell(metric: str, value: Any) -> str:

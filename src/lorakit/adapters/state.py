@@ -12,6 +12,7 @@ load correctly.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
     return state
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str,
+                   fix: str = "training diverged (lower train.lr and resume from the last checkpoint)") -> None:
+    """Refuse `what` (writing a checkpoint or adapter, loading one) when a float tensor holds NaN/inf."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise LorakitError(f"{what}: {name} has {bad} NaN/inf value(s) of {t.numel()}; {fix}")
 
 
 def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
@@ -109,8 +119,10 @@ def save_adapter(
         config["rank_pattern"] = {re.escape(n): layer.r for n, layer in layers if layer.r != first.r}
         config["alpha_pattern"] = {re.escape(n): layer.alpha for n, layer in layers if layer.alpha != first.alpha}
     directory = Path(directory)
+    weights = adapter_state_dict(model)
+    require_finite(weights, f"not writing adapter {directory}")
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
         if meta:
             atomic_write_text(tmp / LORAKIT_META, json.dumps(meta, indent=2, default=str) + "\n")
@@ -147,7 +159,79 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         )
     if config.get("bias", "none") != "none":
         raise LorakitError(f"{cfg_path}: bias={config['bias']!r} is not supported; use bias='none'")
+    problem = _config_problem(config)
+    if problem:
+        raise LorakitError(f"{cfg_path}: {problem}; the adapter config is damaged or not from a LoRA trainer")
     return config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    """What makes an adapter_config.json unusable (types, finite numbers, compilable patterns), or None."""
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        return f"lora_alpha is {config['lora_alpha']!r}, expected a finite number"
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        return f"r is {r!r}, expected a positive integer"
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        return f"lora_dropout is {dropout!r}, expected a number in [0, 1)"
+    if not isinstance(config.get("use_rslora", False), bool):
+        return f"use_rslora is {config['use_rslora']!r}, expected true or false"
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        return f"base_model_name_or_path is {base!r}, expected a string"
+    for key, ok, expected in (("alpha_pattern", _is_number, "a finite number"),
+                              ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                               "a positive integer")):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            return f"{key} is {patterns!r}, expected a mapping of regex to value"
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as err:
+                return f"{key} key {pattern!r} is not a valid regex ({err})"
+            if not ok(value):
+                return f"{key}[{pattern!r}] is {value!r}, expected {expected}"
+    return None
+
+
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "base_model": (str,), "template": (str,), "system_prompt": (str,), "method": (str,), "quantization": (dict,),
+    "max_length": (int,), "base_model_revision": (str,),
+}
+
+
+def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
+    """The adapter's lorakit.json: {} when absent (a PEFT-made adapter); one-line error when damaged.
+
+    A damaged file is never read as {}: that would load a QLoRA adapter onto an unquantized base.
+    """
+    path = Path(directory) / LORAKIT_META
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
+        raise LorakitError(f"{path} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                           "the adapter's metadata is damaged: restore it from the run's checkpoints/ or "
+                           "delete it to treat the adapter as a plain PEFT adapter") from err
+    if not isinstance(meta, dict):
+        raise LorakitError(f"{path} holds {type(meta).__name__}, not a JSON object; the adapter's metadata is damaged")
+    for key, types in _META_TYPES.items():
+        if meta.get(key) is not None and not isinstance(meta[key], types):
+            raise LorakitError(f"{path}: {key} is {meta[key]!r}, expected {types[0].__name__}; the metadata is damaged")
+    q = meta.get("quantization")
+    if q is not None and q.get("method") not in ("nf4", "int8"):
+        raise LorakitError(f"{path}: quantization.method is {q.get('method')!r}, expected nf4 or int8; "
+                           "the metadata is damaged")
+    if q is not None and q.get("method") == "nf4" and q.get("blocksize", 64) not in (32, 64, 128, 256):
+        raise LorakitError(f"{path}: quantization.blocksize is {q.get('blocksize')!r}, expected 32, 64, 128 or 256")
+    return meta
 
 
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -161,9 +245,11 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
             )
         raise LorakitError(f"{directory} has no {ADAPTER_WEIGHTS}; the adapter is incomplete")
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise LorakitError(f"{path} cannot be read ({err}); the adapter file is damaged") from None
+        raise LorakitError(f"{path} cannot be read ({err}); the adapter file is damaged") from err
+    require_finite(weights, f"cannot use adapter {path}", "the adapter file is damaged or its training diverged")
+    return weights
 
 
 def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
@@ -248,13 +334,7 @@ def adapter_info(
     directory = Path(directory)
     config = config if config is not None else read_adapter_config(directory)
     weights = weights if weights is not None else read_adapter_weights(directory)
-    meta: dict[str, Any] = {}
-    meta_path = directory / LORAKIT_META
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
+    meta = read_adapter_meta(directory)
     file_bytes = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
     return AdapterInfo(
         path=directory,

@@ -35,7 +35,7 @@ def check_data(cfg: DataConfig, tokenizer: Any, seed: int, console: Console, num
     console.print(f"template: [bold]{template}[/]   max_length: {cfg.max_length}   "
                   f"legend: [{TRAINED}]trained[/] [{UNTRAINED}]not trained[/] [{CUT}]cut by max_length[/]")
     for ex in bundle.train[:num_examples]:
-        console.print(Panel(highlight(ex, template, tokenizer, cfg), title=f"{ex.source} row {ex.row}", expand=False))
+        console.print(Panel(highlight(ex, template, tokenizer, cfg), title=Text(f"{ex.source} row {ex.row}"), expand=False))
     console.print(counts_table(stats))
     if stats.kinds:
         console.print(kinds_line(stats), highlight=False)
@@ -88,6 +88,9 @@ def _print_findings(stats: DataStats, cfg: DataConfig, console: Console) -> None
     style = "bold red" if stats.empty_mask else "green"
     say(f"[{style}]empty loss masks (nothing trained): {stats.empty_mask}[/]"
         + ("  [red]error: these examples cannot train[/]" if stats.empty_mask else ""))
+    if stats.special_tokens:
+        say(f"[bold red]rows refused for special tokens in their text: {stats.special_tokens}[/]  "
+            "[red]error: remove them (lorakit never trains on a row whose text could open or close a turn)[/]")
     for problem in stats.problems:
         say(Text(f"  {problem}", style="red"))
     style = "yellow" if stats.missing_eos else "green"

@@ -17,7 +17,7 @@ import numpy as np
 from lorakit.config import DataConfig
 from lorakit.data.formats import detect_format, load_records, record_meta, to_example
 from lorakit.data.packing import pack_examples, real_token_fraction, shared_prefix_length
-from lorakit.data.templates import render, resolve_template
+from lorakit.data.templates import control_strings, find_control, render, resolve_template
 from lorakit.data.tokenize import TokenizedExample, tokenize_examples
 from lorakit.errors import DataError, LorakitError
 
@@ -44,6 +44,8 @@ class DataStats:
     """Tokens every train example starts with, stored once per packed row (data.share_prefix)."""
     packed_tokens: int | None = None
     """Tokens in the packed train rows: what one epoch processes (when packing is on)."""
+    special_tokens: int = 0
+    """Rows refused because their text contains a template control string or special token."""
     problems: list[str] = field(default_factory=list)
     """The first few error lines, each naming a file and row."""
     kinds: dict[str, int] = field(default_factory=dict)
@@ -51,7 +53,7 @@ class DataStats:
 
     @property
     def errors(self) -> int:
-        return self.empty_mask
+        return self.empty_mask + self.special_tokens
 
 
 @dataclass
@@ -104,17 +106,30 @@ def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, stri
     records = load_records(path)
     fmt = detect_format(records, path) if cfg.format == "auto" else cfg.format
     template = resolve_template(cfg.template, tokenizer)
-    examples, rendered = [], []
+    controls = control_strings(template, tokenizer)
+    rows, examples, rendered = [], [], []
     for row, record in enumerate(records, 1):
         example = to_example(record, fmt, row, path)
+        found = find_control(example, controls)
+        if found:
+            problem = (f"{path} row {row}: the {found[0]} text contains {found[1]!r}, a special token of the "
+                       f"{template} template or tokenizer; it would change the conversation and its loss mask, "
+                       "so the row is refused: remove or reword it")
+            if strict:
+                raise DataError(problem)
+            stats.special_tokens += 1
+            if len(stats.problems) < MAX_PROBLEMS:
+                stats.problems.append(problem)
+            continue
         try:
             rendered.append(render(example, template, tokenizer, cfg.system_prompt))
         except LorakitError as err:
-            raise DataError(f"{path} row {row}: {err}") from None
+            raise DataError(f"{path} row {row}: {err}") from err
+        rows.append(row)
         examples.append(example)
     tokenized = tokenize_examples(rendered, tokenizer, cfg.max_length)
     kept = []
-    for row, (example, tok) in enumerate(zip(examples, tokenized), 1):
+    for row, example, tok in zip(rows, examples, tokenized):
         tok.row, tok.source = row, str(path)
         if isinstance(example, str):
             tok.text, tok.meta = example, record_meta(records[row - 1], fmt)

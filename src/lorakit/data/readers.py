@@ -98,14 +98,22 @@ def _read_json(path: Path) -> list[Record]:
     return data
 
 
+CSV_MAX_CELL = 16 * 2**20  # characters; csv's default (131,072) is below a long document
+
+
 def _read_csv(path: Path) -> list[Record]:
     """Rows as dicts of strings; row 1 is the first line after the header."""
+    csv.field_size_limit(CSV_MAX_CELL)
     reader = csv.DictReader(io.StringIO(_read_text(path, header_lines=1), newline=""))
-    records = []
-    for row, record in enumerate(reader, 1):
-        if None in record:
-            raise DataError(f"{path} row {row}: more cells than header columns; quote cells that contain commas")
-        records.append(record)
+    records: list[Record] = []
+    try:
+        for row, record in enumerate(reader, 1):
+            if None in record:
+                raise DataError(f"{path} row {row}: more cells than header columns; quote cells that contain commas")
+            records.append(record)
+    except csv.Error as err:  # a cell over the limit, a NUL byte, a bad quote
+        raise DataError(f"{path} row {len(records) + 1}: cannot parse as CSV ({err}); "
+                        "fix the row or save the data as JSONL") from err
     return records
 
 
@@ -115,7 +123,7 @@ def _read_parquet(path: Path) -> list[Record]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for a damaged or non-parquet file
-        raise DataError(f"{path}: cannot read as Parquet ({err}); is it really a .parquet file?") from None
+        raise DataError(f"{path}: cannot read as Parquet ({err}); is it really a .parquet file?") from err
 
 
 def _read_saved_dataset(path: Path) -> list[Record]:

@@ -80,6 +80,35 @@ def end_of_turn(template: str, tokenizer: Any) -> str:
     return eos
 
 
+TEMPLATE_MARKERS = {"chatml": ("<|im_start|>", CHATML_END),
+                    "llama2": ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", LLAMA2_BOS, LLAMA2_EOS)}
+
+
+def control_strings(template: str, tokenizer: Any) -> tuple[str, ...]:
+    """Strings that must not occur inside message text: the template's turn markers and every
+    special token of the tokenizer. In a row they would open or close turns the data does not
+    have (and train an end-of-turn token mid-answer)."""
+    template = resolve_template(template, tokenizer)
+    found = set(TEMPLATE_MARKERS.get(template, ()))
+    found.update(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(str(added.content))
+    return tuple(sorted((t for t in found if t and t.strip()), key=lambda t: (-len(t), t)))
+
+
+def find_control(example: Conversation | Sequence[Message] | str, controls: Sequence[str]) -> tuple[str, str] | None:
+    """(role, control string) of the first message whose text contains one, or None."""
+    if isinstance(example, Conversation):
+        example = example.messages
+    pieces = [("text", example)] if isinstance(example, str) else [(m["role"], m["content"]) for m in example]
+    for role, text in pieces:
+        for control in controls:
+            if control in text:
+                return role, control
+    return None
+
+
 def render(example: Conversation | Sequence[Message] | str, template: str, tokenizer: Any,
            system_prompt: str | None = None) -> Rendered:
     """Render a conversation (or plain text: text + EOS, all trained) with `template`."""
@@ -178,7 +207,7 @@ def _tokenizer_template(messages: list[Message], tokenizer: Any, eos: str) -> Re
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:  # jinja2 TemplateError from raise_exception(), or a bad conversation shape
             raise DataError(f"the tokenizer's chat template rejects this conversation ({err}); "
-                            "fix the conversation or set data.template: chatml") from None
+                            "fix the conversation or set data.template: chatml") from err
 
     full = apply(messages, False)
     parts: list[str] = []

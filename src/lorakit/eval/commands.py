@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lorakit.adapters.inject import scale_lora
+from rich.text import Text
+
 from lorakit.errors import LorakitError
 from lorakit.eval.compare import ModelResult, build_comparison, evaluate_model, wins_and_losses
 from lorakit.eval.generate import GenerationSettings, InferenceModel, load_for_inference
@@ -99,7 +101,7 @@ def parse_scales(text: str) -> list[float]:
 def generation_progress(console: Any, total: int, label: str) -> Iterator[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
@@ -149,22 +151,23 @@ def run_eval_command(model: str | None, adapter: Path | None, opts: EvalOptions,
     text = opts.text.read_text(encoding="utf-8") if opts.text else None
     label = "base" if adapter is None else adapter_label(adapter, set())
     result = _evaluate(model, adapter, label, sets, opts, text, console)
-    table = Table(title=f"lorakit eval: {label}")
+    report = {"model": model, "adapter": None if adapter is None else str(adapter), "label": label,
+              "settings": vars(opts.settings), "datasets": result.datasets,
+              "text": None if opts.text is None else str(opts.text), "text_perplexity": result.text_perplexity}
+    if out is not None:  # before anything is printed about it
+        atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    table = Table(title=Text(f"lorakit eval: {label}"))
     table.add_column("metric")
     for s in sets:
-        table.add_column(f"{s.name} (n={len(s)})", justify="right")
+        table.add_column(Text(f"{s.name} (n={len(s)})"), justify="right")
     metric_names = list(next(iter(result.datasets.values()))["metrics"])
     for metric in metric_names:
         table.add_row(metric, *[_fmt(result.datasets[s.name]["metrics"].get(metric)) for s in sets])
     console.print(table)
     if result.text_perplexity is not None:
-        console.print(f"perplexity on {opts.text}: {result.text_perplexity:.3f}")
-    report = {"model": model, "adapter": None if adapter is None else str(adapter), "label": label,
-              "settings": vars(opts.settings), "datasets": result.datasets,
-              "text": None if opts.text is None else str(opts.text), "text_perplexity": result.text_perplexity}
+        console.print(f"perplexity on {opts.text}: {result.text_perplexity:.3f}", markup=False)
     if out is not None:
-        atomic_write_text(out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-        console.print(f"wrote {out}")
+        console.print(f"wrote {out}", markup=False)
     return report
 
 
@@ -212,21 +215,19 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
         runs[name] = [(scale, r.label) for scale, r in sorted(scaled, key=lambda x: x[0])]
     comparison = build_comparison(results, general_name, retention_threshold, perplexity_threshold,
                                   runs if scales is not None else None)
+    if out is not None:  # before anything is printed about it
+        atomic_write_text(out, json.dumps(comparison, indent=1, ensure_ascii=False) + "\n")
     print_comparison(comparison, console)
     if out is not None:
-        atomic_write_text(out, json.dumps(comparison, indent=1, ensure_ascii=False) + "\n")
-        console.print(f"wrote {out}")
+        console.print(f"wrote {out}", markup=False)
     return comparison
 
 
 def adapter_meta(adapter: Path) -> dict[str, Any]:
     """The adapter's lorakit.json (template, system prompt, quantization), or {} for a PEFT-made adapter."""
-    from lorakit.adapters.state import LORAKIT_META
+    from lorakit.adapters.state import read_adapter_meta
 
-    try:
-        return json.loads((adapter / LORAKIT_META).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
+    return read_adapter_meta(adapter)
 
 
 def print_comparison(comparison: dict[str, Any], console: Any, samples: int = 3) -> None:
@@ -234,10 +235,10 @@ def print_comparison(comparison: dict[str, Any], console: Any, samples: int = 3)
 
     labels = comparison["labels"]
     for name, entry in comparison["datasets"].items():
-        table = Table(title=f"{name} (n={entry['n']})")
+        table = Table(title=Text(f"{name} (n={entry['n']})"))
         table.add_column("metric")
         for label in labels:
-            table.add_column(label, justify="right")
+            table.add_column(Text(label), justify="right")
         for metric, values in entry["metrics"].items():
             table.add_row(metric, *[_fmt(values.get(label)) for label in labels])
         console.print(table)
@@ -251,7 +252,7 @@ def print_comparison(comparison: dict[str, Any], console: Any, samples: int = 3)
             for kind, picked in (("wins", wins), ("losses", losses)):
                 if not picked:
                     continue
-                console.print(f"[bold]{label} vs {labels[0]}: biggest {kind} on {name} ({metric})[/bold]")
+                console.print(Text(f"{label} vs {labels[0]}: biggest {kind} on {name} ({metric})", style="bold"))
                 for i in picked:
                     ex = entry["examples"][i]
                     console.print(f"  Q: {ex['prompt']}", highlight=False, markup=False)
@@ -260,13 +261,15 @@ def print_comparison(comparison: dict[str, Any], console: Any, samples: int = 3)
     forgetting = comparison.get("forgetting", {})
     if forgetting.get("retention"):
         for label, value in forgetting["retention"].items():
-            console.print(f"answer retention on {forgetting['dataset']} ({forgetting['metric']}): {label} {_fmt(value)}")
+            console.print(f"answer retention on {forgetting['dataset']} ({forgetting['metric']}): {label} {_fmt(value)}",
+                          markup=False)
     if forgetting.get("perplexity"):
-        console.print("general text perplexity: " + ", ".join(f"{k} {_fmt(v)}" for k, v in forgetting["perplexity"].items()))
+        console.print("general text perplexity: " + ", ".join(f"{k} {_fmt(v)}" for k, v in forgetting["perplexity"].items()),
+                      markup=False)
     for adapter, rows in (comparison.get("scales") or {}).items():
         console.print(scale_table(comparison, adapter, rows))
     for warning in forgetting.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+        console.print(Text("warning: ", style="bold yellow") + Text(warning), highlight=False)
 
 
 def scale_table(comparison: dict[str, Any], adapter: str, rows: list[dict[str, Any]]) -> Any:

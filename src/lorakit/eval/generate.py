@@ -11,7 +11,6 @@ of the given stop strings (which are cut from the answer).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +63,7 @@ def load_for_inference(
     The adapter's lorakit.json supplies the template and system prompt used in training.
     """
     from lorakit.adapters import load_adapter
-    from lorakit.adapters.state import LORAKIT_META, read_adapter_config
+    from lorakit.adapters.state import read_adapter_config, read_adapter_meta
     from lorakit.models.load import load_model
     from lorakit.models.quantized import QuantSpec
 
@@ -72,12 +71,7 @@ def load_for_inference(
     spec = None
     if adapter is not None:
         config = read_adapter_config(adapter)
-        meta_path = Path(adapter) / LORAKIT_META
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                meta = {}
+        meta = read_adapter_meta(adapter)
         model = model or config.get("base_model_name_or_path")
         q = meta.get("quantization")
         if q:

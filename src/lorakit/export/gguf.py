@@ -14,7 +14,7 @@ with the model it came from.
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.io import publish_file, temp_file
 
 # HF model_type -> GGUF architecture. llama.cpp reads Mistral checkpoints as "llama".
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -86,23 +87,37 @@ def _tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-def _tensor_data(w: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
-    """(array, raw GGML type or None) for one tensor in the requested storage."""
+def _tensor_data(w: torch.Tensor, kind: str, name: str = "?") -> tuple[np.ndarray, Any]:
+    """(array, raw GGML type or None) for one tensor in the requested storage; q8_0 rows that are not
+    whole 32-blocks are stored f16. Non-finite values, and f16 overflow to inf, are errors naming `name`."""
     import gguf
 
     arr = w.detach().float().cpu().numpy()
+    if not np.isfinite(arr).all():
+        raise LorakitError(f"GGUF export: tensor {name} holds NaN/inf values; the model is broken, nothing was written")
     if arr.ndim < 2:
         return arr.astype(np.float32), None  # norms and biases stay F32, as llama.cpp keeps them
-    if kind == "f16":
-        return arr.astype(np.float16), None
+    if kind == "f16" or kind == "q8_0" and arr.shape[-1] % 32:
+        with np.errstate(over="ignore"):  # overflow is checked just below
+            half = arr.astype(np.float16)
+        if not np.isfinite(half).all():
+            raise LorakitError(f"GGUF export: tensor {name} has values beyond f16's range (largest "
+                               f"|w| {float(np.abs(arr).max()):.4g} > 65504); use --type bf16")
+        return half, None
     qtype = gguf.GGMLQuantizationType.BF16 if kind == "bf16" else gguf.GGMLQuantizationType.Q8_0
-    if kind == "q8_0" and arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        return arr.astype(np.float16), None  # rows not a whole number of 32-blocks
+    assert kind == "bf16" or arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0  # else stored f16 above
+    if kind == "q8_0" and float(np.abs(arr).max()) / 127 > 65504:  # Q8_0's per-block scale is an f16
+        raise LorakitError(f"GGUF export: tensor {name} is too large for q8_0's f16 block scales; use --type bf16")
     return gguf.quants.quantize(arr, qtype), qtype
 
 
-def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str = "f16", name: str | None = None) -> GGUFResult:
-    """Write `model` (plain, full precision) and its tokenizer to `out` atomically."""
+def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str = "f16", name: str | None = None,
+               check: Callable[[GGUFResult], Any] | None = None) -> GGUFResult:
+    """Write `model` (plain, full precision) and its tokenizer to `out` atomically.
+
+    The file is written under a unique temporary name, `check` (verification) runs on it there,
+    and only then is it renamed over `out`: a failed export leaves an existing `out` as it was.
+    """
     import gguf
 
     if kind not in TYPES:
@@ -116,7 +131,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str = "f16", n
     names = gguf.get_tensor_name_map(gguf_arch, n_layers)
     fields = _tokenizer_fields(tokenizer, cfg.vocab_size)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_file(out, suffix=".tmp.gguf")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         writer.add_name(name or out.stem)
@@ -162,19 +177,23 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str = "f16", n
                 w = _permute(w, n_head)
             elif arch in PERMUTE_QK and hf_name.endswith("k_proj.weight"):
                 w = _permute(w, n_kv)
-            data, raw = _tensor_data(w, kind)
+            data, raw = _tensor_data(w, kind, hf_name)
             writer.add_tensor(new_name, data, raw_dtype=raw)
             count += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        result = GGUFResult(tmp, arch, kind, count, tmp.stat().st_size)
+        if check is not None:
+            check(result)
+        publish_file(tmp, out)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return GGUFResult(out, arch, kind, count, out.stat().st_size)
+    result.path = out
+    return result
 
 
 @torch.no_grad()
@@ -197,12 +216,12 @@ def verify_gguf(result: GGUFResult, source: nn.Module, ids: torch.Tensor) -> GGU
     result.max_abs_logit = float(ref.abs().max())
     result.top1_agreement = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
     tol, agree = TOLERANCE[result.tensor_type]
-    if result.max_abs_diff > tol * max(1.0, result.max_abs_logit) or result.top1_agreement < agree:
-        result.path.unlink(missing_ok=True)
+    # `not x <= tol`, not `x > tol`: a NaN difference fails
+    if not result.max_abs_diff <= tol * max(1.0, result.max_abs_logit) or not result.top1_agreement >= agree:
         raise LorakitError(
             f"verification failed: the GGUF model's logits differ from the source by up to {result.max_abs_diff:.4g} "
             f"(largest logit {result.max_abs_logit:.3g}; allowed {tol:g}x) and agree on the top token "
-            f"{100 * result.top1_agreement:.1f}% of the time; the file was removed"
+            f"{100 * result.top1_agreement:.1f}% of the time; nothing was written"
         )
     return result
 
@@ -239,7 +258,6 @@ def export_gguf(model_name: str | None, out: str | Path, adapter: str | Path | N
         dequantize_all(model)
     if ref is not None:
         merge_factors(model, adapter_factors(ref))
-    result = write_gguf(model, tokenizer, out, kind, name=Path(str(model_name)).name)
-    if verify:
-        verify_gguf(result, model, probe_batch(model, tokenizer))
-    return result
+    ids = probe_batch(model, tokenizer) if verify else None
+    check = (lambda result: verify_gguf(result, model, ids)) if verify else None
+    return write_gguf(model, tokenizer, out, kind, name=Path(str(model_name)).name, check=check)

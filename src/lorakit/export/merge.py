@@ -28,11 +28,11 @@ from torch import nn
 
 from lorakit.adapters.lora import lora_scaling
 from lorakit.adapters.state import (
-    LORAKIT_META,
     PEFT_PREFIX,
     _modules_in,
     _pattern_value,
     read_adapter_config,
+    read_adapter_meta,
     read_adapter_weights,
 )
 from lorakit.errors import LorakitError
@@ -81,20 +81,18 @@ def parse_adapter_arg(text: str) -> AdapterRef:
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
-            return AdapterRef(Path(path), float(weight))
+            value = float(weight)
         except ValueError:
-            pass
+            return AdapterRef(Path(text), 1.0)
+        if not math.isfinite(value):
+            raise LorakitError(f"--adapter {text}: the weight {weight!r} is not a finite number")
+        return AdapterRef(Path(path), value)
     return AdapterRef(Path(text), 1.0)
 
 
 def read_adapter(ref: AdapterRef) -> AdapterRef:
     ref.config = read_adapter_config(ref.path)
-    meta_path = ref.path / LORAKIT_META
-    if meta_path.exists():
-        try:
-            ref.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            ref.meta = {}
+    ref.meta = read_adapter_meta(ref.path)
     return ref
 
 

@@ -8,11 +8,13 @@ file's path, size and mtime, and load from there. The conversion is atomic.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,14 +119,31 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
     if (target / "config.json").exists():
         return target
     try:
-        with atomic_dir(target, overwrite=True) as tmp:
-            _convert_gguf(gguf_path, tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # One converter at a time (torchrun ranks, parallel runs): the others wait, then find it done.
+        with _file_lock(target.parent / f".{target.name}.lock"):
+            if not (target / "config.json").exists():
+                with atomic_dir(target, overwrite=True) as tmp:
+                    _convert_gguf(gguf_path, tmp)
     except OSError as err:
         raise LorakitError(
-            f"cannot write the converted model to {target} ({err.strerror}); "
+            f"cannot write the converted model to {target} ({err.strerror or err}); "
             "set LORAKIT_CACHE to a writable directory"
-        ) from None
+        ) from err
     return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) held for the block; released if the process dies."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:

@@ -64,26 +64,72 @@ class QuantizedLoad:
 # ----------------------------------------------------------------------------- safetensors
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
 def safetensors_files(directory: Path) -> list[Path] | None:
     """The checkpoint's safetensors files (sharded or not), or None when it has none."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (OSError, ValueError, AttributeError) as err:
+            raise LorakitError(f"{index} is not a valid safetensors index ({type(err).__name__}); "
+                               "re-download or re-save the model") from err
+        names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in (".", "..")]
+        if bad:
+            raise LorakitError(f"{index}: weight_map names {bad[0]!r}, not a file in {directory}; the index is damaged")
+        return [directory / name for name in sorted(names)]
     single = directory / "model.safetensors"
     return [single] if single.exists() else None
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(tensor entries, byte offset where the data starts)."""
+    """(tensor entries, byte offset where the data starts), every entry checked against the file size."""
+    damaged = f"{path} is not a valid safetensors file"
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise LorakitError(f"{path} is not a safetensors file (too short); re-download or re-save the model")
+            raise LorakitError(f"{damaged} (too short); re-download or re-save the model")
         (n,) = struct.unpack("<Q", raw)
-        header = json.loads(f.read(n))
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise LorakitError(f"{damaged} (header of {n} bytes in a file of {size}); re-download or re-save the model")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as err:
+            raise LorakitError(f"{damaged} (header is not JSON: {err}); re-download or re-save the model") from err
+    if not isinstance(header, dict):
+        raise LorakitError(f"{damaged} (header is not a JSON object); re-download or re-save the model")
     header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for name, entry in header.items():
+        problem = _entry_problem(entry, data_bytes)
+        if problem:
+            raise LorakitError(f"{damaged}: tensor {name!r} {problem}; re-download or re-save the model")
     return header, 8 + n
+
+
+def _entry_problem(entry: Any, data_bytes: int) -> str | None:
+    """Why a header entry cannot be read from a data section of `data_bytes`, or None."""
+    if not isinstance(entry, dict):
+        return "has no entry object"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return f"has shape {shape!r}"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        return f"has data_offsets {offsets!r} outside the {data_bytes} data bytes"
+    dtype = _ST_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is not None:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * dtype.itemsize:
+            return f"has {offsets[1] - offsets[0]} bytes for shape {shape} of {entry['dtype']}"
+    return None
 
 
 def iter_tensors(

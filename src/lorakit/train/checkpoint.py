@@ -12,8 +12,10 @@ Under torchrun every rank calls save_checkpoint: FSDP's sharded parameters and o
 state are gathered and rank 0 writes them whole, so the layout is the same for 1 process,
 DDP and FSDP; a run resumes with the world size it was written with.
 
-Nothing is unpickled on load. A directory appears only when complete (temp dir + rename),
-so a SIGKILL during a save leaves the previous checkpoint as the latest.
+Nothing is unpickled on load. A directory appears only when complete (temp dir, every file
+and directory fsynced, then the rename), so a SIGKILL or power loss during a save leaves the
+previous checkpoint as the latest. Resume reads and validates the newest checkpoint and falls
+back to the previous valid one, with a warning naming what was wrong.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.adapters.inject import lora_layers
-from lorakit.adapters.state import save_adapter
+from lorakit.adapters.state import require_finite, save_adapter
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
 from lorakit.train.distributed import (full_parameters, full_tensor, gather_rng, is_main, like_param, rank_rng,
@@ -121,8 +126,11 @@ def _write_checkpoint(target: Path, step: int, model: nn.Module, opt_tensors: di
                       opt_meta: dict[str, Any], rng_tensors: dict[str, torch.Tensor], py_rngs: list[Any],
                       trainer_state: dict[str, Any], adapter_meta: dict[str, Any] | None, base_model: str | None) -> None:
     py_rng = py_rngs[0]
+    weights = trainable_state(model)
+    require_finite(weights, f"not writing checkpoint {target}")
+    require_finite(opt_tensors, f"not writing checkpoint {target} (optimizer state)")
     with atomic_dir(target, overwrite=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         atomic_write_text(tmp / "optimizer.json", json.dumps(opt_meta) + "\n")
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -134,16 +142,90 @@ def _write_checkpoint(target: Path, step: int, model: nn.Module, opt_tensors: di
             save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model, meta=adapter_meta)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore trainable weights, optimizer and RNG from `path`; return the trainer state."""
+class DamagedCheckpoint(LorakitError):
+    """A checkpoint directory that cannot be resumed from (truncated, corrupt, incomplete)."""
+
+
+@dataclass
+class CheckpointFiles:
+    """One checkpoint directory read whole and checked, before anything is applied to a model."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    opt_tensors: dict[str, torch.Tensor]
+    opt_meta: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+_STATE_KEYS = ("step", "epoch", "batch_index", "python_rng")
+
+
+def read_checkpoint(path: Path) -> CheckpointFiles:
+    """Read and validate `path`; raises DamagedCheckpoint naming what is wrong."""
+    path = Path(path)
     try:
         weights = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
-        opt_meta = json.loads((path / "optimizer.json").read_text())
+        opt_meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
         rng = load_file(str(path / "rng.safetensors"))
-        state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as err:
-        raise LorakitError(f"checkpoint {path} is damaged ({err}); delete it to resume from an earlier one") from None
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, SafetensorError) as err:  # JSON and UTF-8 errors are ValueErrors
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged ({_one_line(err)})") from err
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DamagedCheckpoint(f"checkpoint {path}: trainer_state.json has no {missing[0]!r}")
+    if not isinstance(opt_meta, dict) or not isinstance(opt_meta.get("param_groups"), list):
+        raise DamagedCheckpoint(f"checkpoint {path}: optimizer.json has no param_groups list")
+    if "torch_cpu" not in rng:
+        raise DamagedCheckpoint(f"checkpoint {path}: rng.safetensors has no torch_cpu state")
+    if not weights:
+        raise DamagedCheckpoint(f"checkpoint {path}: trainable.safetensors holds no tensors")
+    if any(not re.fullmatch(r"state\.\d+\.\w+", k) for k in opt_tensors):
+        raise DamagedCheckpoint(f"checkpoint {path}: optimizer.safetensors has unexpected keys")
+    try:
+        require_finite(weights, f"checkpoint {path}", "it cannot be resumed from")
+        require_finite(opt_tensors, f"checkpoint {path} (optimizer state)", "it cannot be resumed from")
+    except LorakitError as err:
+        raise DamagedCheckpoint(str(err)) from err
+    return CheckpointFiles(path, weights, opt_tensors, opt_meta, rng, state)
+
+
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def newest_usable_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> CheckpointFiles | None:
+    """The newest checkpoint that reads and validates; each damaged newer one is reported via `warn`.
+
+    None when the run has no checkpoint; a LorakitError when it has some and none is usable.
+    """
+    found = list_checkpoints(run_dir)
+    problems = []
+    for _, path in reversed(found):
+        try:
+            ckpt = read_checkpoint(path)
+        except DamagedCheckpoint as err:
+            problems.append(str(err))
+            warn(f"{err}; trying the previous checkpoint")
+            continue
+        return ckpt
+    if problems:
+        raise LorakitError(
+            f"no usable checkpoint in {Path(run_dir) / 'checkpoints'}: " + "; ".join(problems)
+            + ". Start the run again in a new output_dir (or delete the checkpoints directory)"
+        )
+    return None
+
+
+def load_checkpoint(path: Path | CheckpointFiles, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore trainable weights, optimizer and RNG from a checkpoint; return the trainer state."""
+    ckpt = path if isinstance(path, CheckpointFiles) else read_checkpoint(path)
+    path, weights, state = ckpt.path, ckpt.weights, dict(ckpt.state)
     if state.get("world_size", 1) != world_size():
         raise LorakitError(
             f"checkpoint {path} was written by {state.get('world_size', 1)} process(es) and this run has {world_size()}; "
@@ -159,7 +241,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(like_param(params[name], value))
-    restore_optimizer(optimizer, opt_tensors, opt_meta)
-    restore_rng(*rank_rng(rng, state.pop("python_rng_by_rank", None) or [state["python_rng"]]))
+    restore_optimizer(optimizer, ckpt.opt_tensors, ckpt.opt_meta)
+    restore_rng(*rank_rng(ckpt.rng, state.pop("python_rng_by_rank", None) or [state["python_rng"]]))
     state.pop("python_rng")
     return state

@@ -26,11 +26,11 @@ from lorakit.adapters.setup import prepare_model
 from lorakit.adapters.state import save_adapter
 from lorakit.config import Config, dump_config
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_write_text
+from lorakit.io import atomic_write_text, remove_stale_temps
 from lorakit.memory import peak_rss_mb, rss_mb
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
-from lorakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lorakit.train.checkpoint import load_checkpoint, newest_usable_checkpoint, save_checkpoint
 from lorakit.train.early_stop import EarlyStop, check_rows
 from lorakit.train.frozen_cache import frozen_block_cache
 from lorakit.train.kl_anchor import KLAnchor
@@ -167,6 +167,13 @@ def train_step(
         )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = dist.clip_grad_norm(params, max_grad_norm)  # over all shards under FSDP
+    if not math.isfinite(grad_norm):  # applying it would write NaN weights into the next checkpoint
+        optimizer.zero_grad(set_to_none=True)
+        raise LorakitError(
+            f"gradient norm became {grad_norm} at step {step} (loss {loss:.4g}); the step was not applied. Likely "
+            "causes: learning rate too high (train.lr), fp16 overflow, or broken data. The last good checkpoint is "
+            "kept; lower train.lr and resume"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     kl = None
@@ -318,6 +325,9 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     console = console or Console(quiet=quiet or not dist.is_main())
     run_dir = Path(cfg.output_dir)
     _check_run_dir(run_dir, resume)
+    if dist.is_main():  # what an interrupted atomic write left behind
+        for where in (run_dir, run_dir / "checkpoints"):
+            remove_stale_temps(where)
     tc = cfg.train
     device = dist.setup(cfg.distributed, resolve_device(tc.device))  # under torchrun: process group, cuda:LOCAL_RANK
     amp_dtype = autocast_dtype(tc.precision, device)
@@ -399,12 +409,15 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     optimizer = build_optimizer(model, tc, device)
 
     step, best_eval, tokens, trained_tokens, elapsed_before = 0, math.inf, 0, 0, 0.0
-    checkpoints = list_checkpoints(run_dir) if resume else []
-    dist.agree(checkpoints[-1][0] if checkpoints else 0, f"the step to resume from in {run_dir}",
+    def warn(msg: str) -> None:
+        console.print(f"warning: {msg}", markup=False, highlight=False)
+
+    found = newest_usable_checkpoint(run_dir, warn) if resume else None  # damaged newer ones: warned, skipped
+    dist.agree(found.step if found else 0, f"the step to resume from in {run_dir}",
                "output_dir must be a directory that every node sees")
-    if checkpoints:
-        ckpt_step, ckpt_path = checkpoints[-1]
-        state = load_checkpoint(ckpt_path, model, optimizer)
+    if found:
+        ckpt_path = found.path
+        state = load_checkpoint(found, model, optimizer)
         step, best_eval = state["step"], state.get("best_eval_loss", math.inf)
         tokens, trained_tokens = state.get("tokens", 0), state.get("trained_tokens", 0)
         elapsed_before = state.get("elapsed", 0.0)
@@ -610,8 +623,10 @@ def _save_final(model: nn.Module, tokenizer: Any, run_dir: Path, meta: dict, cfg
     if any(True for _ in lora_layers(model)):
         save_adapter(model, run_dir / "adapter", cfg.model.name, meta)
         return
+    from lorakit.adapters.state import require_finite
     from lorakit.io import atomic_dir
 
+    require_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, f"model {run_dir / 'model'}")
     with atomic_dir(run_dir / "model", overwrite=True) as tmp:  # full fine-tuning: a whole HF model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
