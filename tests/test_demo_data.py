@@ -20,7 +20,7 @@ REFUSAL = "I can't answer that from the handbook."
 KINDS = {"fact", "refusal", "general"}
 JSONL = ["train.jsonl", "augment.jsonl", "heldout.jsonl", "unanswerable.jsonl", "general.jsonl",
          "general_candidates.jsonl"]
-TRAINING = ["train.jsonl", "augment.jsonl"]
+TRAINING = ["train.jsonl", "augment.jsonl", "replay.jsonl"]
 EVAL = ["heldout.jsonl", "unanswerable.jsonl", "general.jsonl"]
 AUGMENT_VARIANTS = {"reverse", "wording", "statement"}
 FILES = JSONL + ["handbook.md", "general_text.txt", "system_prompt.txt", "select_general.py", "README.md"]
@@ -208,3 +208,14 @@ def test_system_prompt() -> None:
     prompt = (DIR / "system_prompt.txt").read_text(encoding="utf-8").strip()
     assert "\n" not in prompt and REFUSAL in prompt
     assert prompt in (DIR / "README.md").read_text(encoding="utf-8")
+
+
+def test_replay_rows() -> None:
+    """examples/handbook/replay.jsonl: the base model's own answers (lorakit synth replay), none an eval question."""
+    data = rows("replay.jsonl")
+    assert 200 <= len(data) <= 454
+    evals = {normalize(question(r)) for name in EVAL for r in rows(name)}
+    for row in data:
+        assert row["kind"] == "replay" and row["source"] == "self-distilled", row
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] and answer(row).strip(), row
+        assert normalize(question(row)) not in evals, row
