@@ -98,3 +98,17 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path: Path, content, override
 def test_non_finite_floats_are_config_errors(override: str) -> None:
     with pytest.raises(ConfigError, match="must be a finite number"):
         load_config(None, [override])
+
+
+def test_on_keys_stay_keys_in_yaml(tmp_path) -> None:
+    """YAML 1.1 reads a key `on:` as True; lorakit reads YAML 1.2 booleans (only true/false)."""
+    from lorakit.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  kl_to_base:\n    weight: 1\n    on: [replay, non_target]\n  fused_mlp: false\n"
+                    "  early_stop:\n    metric: fact\n    on: eval\neval:\n  every: 5\n")
+    cfg = load_config(path)
+    assert cfg.train.kl_to_base.on == ["replay", "non_target"] and cfg.train.early_stop.on == "eval"
+    assert cfg.train.fused_mlp is False
+    with pytest.raises(ConfigError, match="fused_mlp: expected true or false"):
+        load_config(None, ["train.fused_mlp=yes"])
