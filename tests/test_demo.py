@@ -45,8 +45,8 @@ def test_demo_reuses_the_base_evaluation(tmp_path: Path, monkeypatch: pytest.Mon
     import lorakit.eval.compare as compare
 
     model = save_tiny_model_dir(tmp_path / "model")
-    overrides = [f"model.name={model}", "data.max_length=256", "train.max_steps=1", "adapter.r=4",
-                 "adapter.target_modules=[all-linear]"]
+    overrides = [f"model.name={model}", "data.max_length=256", "data.system_prompt=answer from the handbook",
+                 "train.max_steps=1", "adapter.r=4", "adapter.target_modules=[all-linear]"]
     labels: list[str] = []
     evaluate = compare.evaluate_model
     monkeypatch.setattr(compare, "evaluate_model", lambda im, label, *a, **k: labels.append(label) or evaluate(im, label, *a, **k))
@@ -68,8 +68,8 @@ def test_demo_keeps_its_evaluation_when_the_merge_fails(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(merge_module, "merge", refuse)
     model = save_tiny_model_dir(tmp_path / "model")
-    overrides = [f"model.name={model}", "data.max_length=256", "train.max_steps=1", "adapter.r=4",
-                 "adapter.target_modules=[all-linear]"]
+    overrides = [f"model.name={model}", "data.max_length=256", "data.system_prompt=answer from the handbook",
+                 "train.max_steps=1", "adapter.r=4", "adapter.target_modules=[all-linear]"]
     with pytest.raises(LorakitError, match="merge failed: verification failed.*compare.json"):
         run_demo(tmp_path / "run", overrides=overrides, limit=1, train_sample=1)
     saved = json.loads((tmp_path / "run" / "compare.json").read_text())

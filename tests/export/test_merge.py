@@ -179,7 +179,8 @@ def test_nan_adapter_aborts_naming_adapter_and_layer(ws: Path, tmp_path: Path) -
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
     weights[key][0, 0] = float("nan")
     save_file(weights, tmp_path / "bad" / "adapter_model.safetensors")
-    with pytest.raises(LorakitError, match=r"bad into model.layers.1.mlp.down_proj gives NaN/inf"):
+    # refused when the adapter is read, naming the file and the layer's tensor (before any merge arithmetic)
+    with pytest.raises(LorakitError, match=r"bad.*model\.layers\.1\.mlp\.down_proj\.lora_B\.weight has 1 NaN/inf"):
         merge([AdapterRef(tmp_path / "bad")], tmp_path / "out", dtype="fp32")
     assert not (tmp_path / "out").exists()
 

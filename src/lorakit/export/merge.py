@@ -16,6 +16,7 @@ way the adapter runs in training), and the merged model must reproduce those log
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
