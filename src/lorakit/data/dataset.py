@@ -115,11 +115,7 @@ def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, stri
             problem = (f"{path} row {row}: the {found[0]} text contains {found[1]!r}, a special token of the "
                        f"{template} template or tokenizer; it would change the conversation and its loss mask, "
                        "so the row is refused: remove or reword it")
-            if strict:
-                raise DataError(problem)
-            stats.special_tokens += 1
-            if len(stats.problems) < MAX_PROBLEMS:
-                stats.problems.append(problem)
+            stats.special_tokens += _problem(stats, problem, strict)
             continue
         try:
             rendered.append(render(example, template, tokenizer, cfg.system_prompt))
@@ -140,14 +136,19 @@ def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, stri
         stats.missing_eos += tok.missing_eos > 0
         if tok.num_trained == 0:
             problem = empty_mask_message(tok, cfg.max_length)
-            if strict:
-                raise DataError(problem)
-            stats.empty_mask += 1
-            if len(stats.problems) < MAX_PROBLEMS:
-                stats.problems.append(problem)
+            stats.empty_mask += _problem(stats, problem, strict)
             continue
         kept.append(tok)
     return kept
+
+
+def _problem(stats: DataStats, problem: str, strict: bool) -> int:
+    """A bad row: raised when strict, else kept among the first MAX_PROBLEMS lines; returns 1 to count it."""
+    if strict:
+        raise DataError(problem)
+    if len(stats.problems) < MAX_PROBLEMS:
+        stats.problems.append(problem)
+    return 1
 
 
 def empty_mask_message(tok: TokenizedExample, max_length: int) -> str:
