@@ -191,11 +191,11 @@ def _split(text: str, start: int, end: int, limit: int, count: Callable[[str], i
         end -= 1
     if count(text[start:end]) <= limit:
         return [(start, end)]
-    cuts = [start + m.end() for m in _SENTENCE_END.finditer(text, start, end)]
+    cuts = [m.end() for m in _SENTENCE_END.finditer(text, start, end) if start < m.start() and m.end() < end]
     if cuts:
         pieces = list(zip([start, *cuts], [*cuts, end]))
         return [s for a, b in pieces for s in _split(text, a, b, limit, count)]
-    words = [(start + m.start(), start + m.end()) for m in _WORD.finditer(text[start:end])]
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text, start, end)]
     out, first = [], 0
     while first < len(words):  # the longest run of words that fits, at least one
         last = first + 1

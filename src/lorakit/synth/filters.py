@@ -7,7 +7,7 @@ In order, the first that fails names the reason:
 - answer lacks fact: the answer does not state its own fact string (the evaluator's `fact` metric);
 - ungrounded: the fact string is not in the window the question came from (SQuAD-normalised, on word
   boundaries), and its best fuzzy match there scores below `grounding_threshold`;
-- answerable: an unanswerable question whose key terms (its words less stop words) all occur in one
+- answerable: an unanswerable question whose key terms (its words less stop words and question frames) all occur in one
   sentence of the documents, or that has no key terms at all;
 - duplicate: the normalised question was kept already, or its word 3-gram Jaccard similarity with a
   kept question reaches `dedup_jaccard` (across the whole set, in order).
@@ -29,7 +29,9 @@ between both but by can could did do does doing down during each ever few for fr
 hers him his how i if in into is it its itself just many may me might more most much must my no nor not of off on
 once only or other our ours out over own same she should so some such than that the their them then there these
 they this those through to too under until up very was we were what when where which while who whom whose why will
-with would you your yours tell know say said name called kind one ones""".split())
+with would you your yours tell know say said name called kind one ones
+long far old often time times year years day days date number amount exactly""".split())
+"""Stop words, and the words of question frames (how long, what year, which number) that the answer's text lacks."""
 _SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
