@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -193,9 +193,9 @@ class EndpointTeacher(Teacher):
             pending = set(futures)
             try:
                 while pending:
-                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for f in finished:
-                        on_reply(futures[f], f.result())  # raises the first failure
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in sorted(finished, key=lambda f: f.exception() is not None):
+                        on_reply(futures[f], f.result())  # every reply is kept (cached) before a failure is raised
             finally:
                 for f in pending:
                     f.cancel()
