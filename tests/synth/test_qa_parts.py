@@ -89,17 +89,23 @@ def test_parse_json_is_lenient_about_the_wrapping() -> None:
     assert parse_json('[{"question": "q"}] trailing') == [{"question": "q"}]
     assert parse_json("{not json} then {\"a\": 1}") == {"a": 1}
     assert parse_json("no json here") is None and parse_json("{}") is None
+    cut = '{"facts": [{"question": "Q1?", "answer": "A", "reversed": {"question": "R?"}}, {"question": "Q2?", "answer": "B"}, {"question": "Q3?", "ans'
+    assert parse_json(cut) == [{"question": "Q1?", "answer": "A", "reversed": {"question": "R?"}},
+                               {"question": "Q2?", "answer": "B"}]  # what came before the cut
 
 
 def test_candidates_from_replies() -> None:
     reply = {"facts": [{"question": "Q1?", "answer": "A1", "fact": "F1", "paraphrases": ["P1?", ""],
                         "reversed": {"question": "R1?", "answer": "RA", "fact": "RF"}},
-                       {"question": "Q2?", "answer": "A2"}, "junk",
+                       {"question": "Q2?", "answer": "A2 is a long answer without its fact string."}, "junk",
+                       {"question": "Q4?", "answer": "Ada Moss."},
                        {"question": "Q3?", "answer": "A3", "fact": "F3", "reversed": None}]}
     cands, incomplete = fact_candidates(reply, 4, 10, "no.")
     assert incomplete == 2
     assert [(c.variant, c.question, c.group, c.window) for c in cands] == [
-        ("question", "Q1?", 10, 4), ("paraphrase", "P1?", 10, 4), ("reverse", "R1?", 10, 4), ("question", "Q3?", 11, 4)]
+        ("question", "Q1?", 10, 4), ("paraphrase", "P1?", 10, 4), ("reverse", "R1?", 10, 4), ("question", "Q4?", 11, 4),
+        ("question", "Q3?", 12, 4)]
+    assert cands[3].fact == "Ada Moss"  # a short answer without a fact is its own fact
     un = unanswerable_candidates({"questions": ["U1?", {"question": "U2?"}, 3]}, 1, 20, "no.")
     assert [(c.kind, c.question, c.answer, c.fact, c.group) for c in un] == [
         ("refusal", "U1?", "no.", "no.", 20), ("refusal", "U2?", "no.", "no.", 21)]
@@ -131,13 +137,14 @@ def test_each_filter_counts_its_reason() -> None:
         _c("refusal", "What colour is the Corrie Wren's funnel?", cfg.refusal, cfg.refusal, 7),
         _c("fact", "When was the Corrie Wren built ?", "In 2009.", "2009", 8),  # same words: duplicate
         _c("fact", "When exactly was the Corrie Wren built?", "In 2009.", "2009", 9),  # Jaccard 0.4: kept
+        _c("refusal", "What was the name of the keeper's dog?", cfg.refusal, cfg.refusal, 10),  # the prompt's
     ]
     kept, counts, rejected = filter_candidates(cands, {0: window}, [window], cfg)
     assert [c.group for c in kept] == [0, 1, 7, 9]
-    assert dict(counts) == {"length": 1, "refusal in a fact row": 1, "answer lacks fact": 1, "ungrounded": 1,
+    assert dict(counts) == {"prompt example": 1, "length": 1, "refusal in a fact row": 1, "answer lacks fact": 1, "ungrounded": 1,
                             "answerable": 1, "duplicate": 1}
     assert [why for _, why in rejected] == ["length", "refusal in a fact row", "answer lacks fact", "ungrounded",
-                                            "answerable", "duplicate"]
+                                            "answerable", "duplicate", "prompt example"]
     strict = SynthConfig(dedup_jaccard=0.3)
     kept, counts, _ = filter_candidates(cands, {0: window}, [window], strict)
     assert counts["duplicate"] == 2

@@ -1,6 +1,7 @@
 """The filters between the teacher's candidates and the written files; each rejection has a reason, counted.
 
 In order, the first that fails names the reason:
+- prompt example: the question is one of the prompts' own examples (a small teacher copies them);
 - length: a question of fewer than `min_question_words` or more than `max_question_words` words, an
   answer of more than `max_answer_words`;
 - refusal in a fact row: the answer of a fact question holds the refusal sentence;
@@ -21,9 +22,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lorakit.synth.pairs import Candidate
+from lorakit.synth.pairs import EXAMPLE_QUESTIONS, Candidate
 
-REASONS = ("length", "refusal in a fact row", "answer lacks fact", "ungrounded", "answerable", "duplicate")
+REASONS = ("prompt example", "length", "refusal in a fact row", "answer lacks fact", "ungrounded", "answerable", "duplicate")
 STOP_WORDS = frozenset("""a about above after again all also am an and any are as at be been before being below
 between both but by can could did do does doing down during each ever few for from had has have having he her here
 hers him his how i if in into is it its itself just many may me might more most much must my no nor not of off on
@@ -95,8 +96,12 @@ def filter_candidates(cands: Sequence[Candidate], window_text: dict[int, str], d
     rejected: list[tuple[Candidate, str]] = []
     counts: Counter = Counter({r: 0 for r in REASONS})
 
+    examples = {" ".join(words(q)) for q in EXAMPLE_QUESTIONS}
+
     def reason(c: Candidate) -> str | None:
         q = words(c.question)
+        if " ".join(q) in examples:
+            return "prompt example"
         if not cfg.min_question_words <= len(q) <= cfg.max_question_words or len(c.answer.split()) > cfg.max_answer_words:
             return "length"
         if c.kind == "fact":

@@ -39,6 +39,8 @@ Text:
 {text}
 \"\"\""""
 
+SHORT_ANSWER = 6
+"""Words: an answer this short, given without a fact string, is taken as the fact."""
 RETRY_NOTE = "\n\nYour reply must be valid JSON only, in the shape shown, with no other text."
 _FENCE = re.compile(r"```(?:json)?", re.IGNORECASE)
 
@@ -67,8 +69,17 @@ def unanswerable_prompt(text: str, n: int) -> str:
     return UNANSWERABLE_PROMPT.format(text=text, n=n)
 
 
+EXAMPLE_QUESTIONS = ("Who lit the lamp in 1902?", "Which person lit the lamp in 1902?", "What did Ada Moss do in 1902?",
+                     "What was the name of the keeper's dog?")
+"""The questions of the prompts' examples: a small teacher copies them, and the filters drop them."""
+
+
 def parse_json(text: str) -> Any:
-    """The first JSON object or list in `text` (fences and prose around it ignored), or None."""
+    """The first JSON object or list in `text` (fences and prose around it ignored), or None.
+
+    A reply cut off mid-way (a teacher that ran to max_new_tokens) gives the list of the complete
+    question objects before the cut.
+    """
     text = _FENCE.sub("", text)
     decoder = json.JSONDecoder()
     for i, ch in enumerate(text):
@@ -77,9 +88,23 @@ def parse_json(text: str) -> Any:
                 value, _ = decoder.raw_decode(text, i)
             except json.JSONDecodeError:
                 continue
+            if isinstance(value, dict) and "question" in value:
+                break  # one question object: the start of a list that may have been cut; collect them below
             if isinstance(value, (dict, list)) and value:
                 return value
-    return None
+    items, i = [], 0
+    while (i := text.find("{", i)) != -1:
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i += 1
+            continue
+        if isinstance(value, dict) and "question" in value:
+            items.append(value)
+            i = end
+        else:
+            i += 1
+    return items or None
 
 
 def _str(value: Any) -> str:
@@ -96,6 +121,8 @@ def fact_candidates(data: Any, window: int, first_group: int, refusal: str) -> t
     group = first_group
     for item in items if isinstance(items, list) else []:
         q, a, f = (_str(item.get(k)) if isinstance(item, dict) else "" for k in ("question", "answer", "fact"))
+        if q and a and not f and len(a.split()) <= SHORT_ANSWER:  # a short answer is its own fact
+            f = a.rstrip(".")
         if not (q and a and f):
             incomplete += 1
             continue
