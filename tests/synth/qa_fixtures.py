@@ -35,7 +35,7 @@ FACTS = {
         {"question": "When was the lighthouse last painted?", "answer": "I can't answer that from the handbook.",
          "fact": "painted", "paraphrases": [], "reversed": None},  # a refusal in a fact row
         {"question": "Why?", "answer": "Because.", "fact": "Because", "paraphrases": [], "reversed": None},  # length
-        {"question": "What is the lighthouse?", "answer": "It is tall."},  # no fact: incomplete
+        {"question": "What is the lighthouse?", "answer": "It is a tall white tower on the point."},  # no fact: incomplete
     ],
     "museum": [
         {"question": "What time does the museum open?", "answer": "The museum opens at 10 o'clock.",
