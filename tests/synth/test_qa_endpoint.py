@@ -177,3 +177,22 @@ def test_a_teacher_with_nothing_usable_is_an_error_with_a_report(tmp_path: Path)
         assert server.hits == 12  # each asked twice
     report = json.loads((out / "synth_report.json").read_text())
     assert report["calls"]["malformed"] == 6 and not (out / "train.jsonl").exists()
+
+
+def test_plain_text_replies_count_as_read_from_text(tmp_path: Path) -> None:
+    def plain(prompt: str) -> str:
+        if "NOT answer" in prompt:
+            return "1. How many steps does the lighthouse tower have?"
+        return "Question: Who built the Gull Point lighthouse?\nAnswer: Mara Quill." if "Mara Quill" in prompt \
+            else "I do not know."
+
+    doc = write_doc(tmp_path / "docs")
+    with TeacherServer(plain) as server:
+        result = synth_qa(QAOptions([doc], tmp_path / "out", teacher_url=server.url, teacher_model="t",
+                                    overrides=SETTINGS))
+    calls = result.report["calls"]
+    assert (calls["total"], calls["retried"], calls["read_from_text"], calls["malformed"]) == (12, 6, 4, 2)
+    train = _read(tmp_path / "out" / "train.jsonl") + _read(tmp_path / "out" / "unanswerable.jsonl")
+    assert {(r["messages"][0]["content"], r["fact"]) for r in train} == {
+        ("Who built the Gull Point lighthouse?", "Mara Quill"),
+        ("How many steps does the lighthouse tower have?", "I can't answer that from the handbook.")}

@@ -185,3 +185,15 @@ def test_synth_config_is_validated() -> None:
     for needle in ("synth.overlap_tokens: must be < window_tokens", "synth.dedup_jaccard: must be in (0, 1]",
                    "synth.concurrency: must be >= 1", "synth.windows"):
         assert needle in text
+
+
+def test_plain_text_replies_are_read_as_a_last_resort() -> None:
+    from lorakit.synth.pairs import parse_text
+
+    text = "Question: Who founded it?\n\nAnswer: Ottilie Brandvoll.\n2. **Q2:** When?\n**A:** In 1958, in spring."
+    assert parse_text(text, "facts") == [{"question": "Who founded it?", "answer": "Ottilie Brandvoll."},
+                                         {"question": "When?", "answer": "In 1958, in spring."}]
+    lines = "Here you go:\n1. What is the keeper's dog called?\n2. What is the keeper's dog called?\n- Who paints it?"
+    assert parse_text(lines, "unanswerable") == {"questions": ["What is the keeper's dog called?", "Who paints it?"]}
+    assert parse_text("The Vessany Sound is a chain of islands.", "facts") is None
+    assert parse_text("No questions.", "unanswerable") is None

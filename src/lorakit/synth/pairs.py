@@ -3,8 +3,10 @@
 Two calls per window: fact questions (each with a short answer, the fact string it rests on,
 other wordings, and the reversed question where the fact relates two named things), and
 questions the window's subject invites but its text does not answer. Replies are read leniently
-(code fences, prose around the JSON, a bare list instead of the object); a reply with no JSON in
-it is asked once more with a reminder, then counted and skipped.
+(code fences, prose around the JSON, a bare list instead of the object, a list cut off at
+max_new_tokens); a reply with no JSON in it is asked once more with a reminder; when neither
+reply holds JSON, "Question: ... Answer: ..." text (or one question per line) is read instead,
+and counted; a reply with none of these is counted as malformed and skipped.
 """
 
 from __future__ import annotations
@@ -105,6 +107,23 @@ def parse_json(text: str) -> Any:
         else:
             i += 1
     return items or None
+
+
+_QA_TEXT = re.compile(r"^[ \t]*(?:\d+[.)][ \t]*)?(?:\*\*)?Q(?:uestion)?[ \t]*\d*[ \t]*(?:\*\*)?[:.][ \t]*(?:\*\*)?(.+?)[ \t]*\n"
+                      r"(?:[ \t]*\n)*[ \t]*(?:\*\*)?A(?:nswer)?[ \t]*\d*[ \t]*(?:\*\*)?[:.][ \t]*(?:\*\*)?(.+)$",
+                      re.IGNORECASE | re.MULTILINE)
+_QUESTION_LINE = re.compile(r"^[ \t]*(?:[-*]|\d+[.)])?[ \t]*(?:Q(?:uestion)?[ \t]*\d*[ \t]*[:.])?[ \t]*(.{8,}?\?)[ \t]*$",
+                            re.IGNORECASE | re.MULTILINE)
+
+
+def parse_text(text: str, what: str) -> Any:
+    """The same content from a reply in plain text rather than JSON: "Question: ... / Answer: ..." pairs
+    (facts), or one question per line (unanswerable); None when there is none."""
+    if what == "facts":
+        pairs = [{"question": q.strip(" *"), "answer": a.strip(" *")} for q, a in _QA_TEXT.findall(text)]
+        return pairs or None
+    questions = list(dict.fromkeys(q.strip() for q in _QUESTION_LINE.findall(text)))
+    return {"questions": questions} if questions else None
 
 
 def _str(value: Any) -> str:

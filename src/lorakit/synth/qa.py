@@ -152,8 +152,9 @@ def _check_context(teacher: Teacher, prompts: list[str], cfg: Any) -> None:
 
 def _parse_with_retry(teacher: Teacher, cache: TeacherCache, asks: list[tuple[int, str, str]], replies: list[Reply],
                       stats: CallStats, progress: Callable[[Reply], None] | None) -> tuple[list[Any], int]:
-    """Each reply's JSON; a reply without any is asked once more with a reminder, then counted as malformed."""
-    from lorakit.synth.pairs import RETRY_NOTE, parse_json
+    """Each reply's JSON; a reply without any is asked once more with a reminder, then read as plain text
+    ("Question: ... Answer: ..."), then counted as malformed."""
+    from lorakit.synth.pairs import RETRY_NOTE, parse_json, parse_text
 
     data = [parse_json(r.text) if r.error is None else None for r in replies]
     again = [i for i, (d, r) in enumerate(zip(data, replies)) if d is None and r.error is None]
@@ -163,6 +164,10 @@ def _parse_with_retry(teacher: Teacher, cache: TeacherCache, asks: list[tuple[in
         second = ask(teacher, cache, [asks[i][2] + RETRY_NOTE for i in again], stats, progress)
         for i, r in zip(again, second):
             data[i] = parse_json(r.text) if r.error is None else None
+        for i, r in zip(again, second):  # no JSON twice: the same content written as plain text
+            if data[i] is None:
+                data[i] = parse_text(r.text, asks[i][1]) or parse_text(replies[i].text, asks[i][1])
+                stats.from_text += data[i] is not None
     stats.retried += len(again)
     malformed = sum(1 for i in again if data[i] is None)
     return data, malformed
@@ -209,7 +214,7 @@ def _finish(opts: QAOptions, cfg: Any, out: Path, docs: list[Any], wins: list[An
         "skipped_files": [str(p) for p in skipped],
         "windows": len(wins),
         "calls": {"total": stats.calls, "cached": stats.cached, "failed": stats.failed, "retried": stats.retried,
-                  "malformed": malformed,
+                  "read_from_text": stats.from_text, "malformed": malformed,
                   "incomplete_items": incomplete, "teacher_seconds": round(stats.seconds, 1)},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
         "seconds": round(time.perf_counter() - started, 1),

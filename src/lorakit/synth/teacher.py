@@ -45,6 +45,8 @@ class CallStats:
     failed: int = 0
     retried: int = 0
     """Replies without JSON, asked again with a reminder (those calls are among `calls`)."""
+    from_text: int = 0
+    """Asks whose content was read from plain text ("Question: ... Answer: ...") after two replies without JSON."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
