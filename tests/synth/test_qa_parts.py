@@ -138,13 +138,16 @@ def test_each_filter_counts_its_reason() -> None:
         _c("fact", "When was the Corrie Wren built ?", "In 2009.", "2009", 8),  # same words: duplicate
         _c("fact", "When exactly was the Corrie Wren built?", "In 2009.", "2009", 9),  # Jaccard 0.4: kept
         _c("refusal", "What was the name of the keeper's dog?", cfg.refusal, cfg.refusal, 10),  # the prompt's
+        _c("refusal", "So what is the name of the keeper's dog?", cfg.refusal, cfg.refusal, 11),  # a variant of it
+        _c("refusal", "What is the answer to the question?", cfg.refusal, cfg.refusal, 12),  # no key terms
     ]
     kept, counts, rejected = filter_candidates(cands, {0: window}, [window], cfg)
     assert [c.group for c in kept] == [0, 1, 7, 9]
-    assert dict(counts) == {"prompt example": 1, "length": 1, "refusal in a fact row": 1, "answer lacks fact": 1, "ungrounded": 1,
-                            "answerable": 1, "duplicate": 1}
+    assert dict(counts) == {"prompt example": 2, "length": 1, "refusal in a fact row": 1, "answer lacks fact": 1,
+                            "ungrounded": 1, "answerable": 2, "duplicate": 1}
     assert [why for _, why in rejected] == ["length", "refusal in a fact row", "answer lacks fact", "ungrounded",
-                                            "answerable", "duplicate", "prompt example"]
+                                            "answerable", "duplicate", "prompt example", "prompt example",
+                                            "answerable"]
     strict = SynthConfig(dedup_jaccard=0.3)
     kept, counts, _ = filter_candidates(cands, {0: window}, [window], strict)
     assert counts["duplicate"] == 2

@@ -1,7 +1,8 @@
 """The filters between the teacher's candidates and the written files; each rejection has a reason, counted.
 
 In order, the first that fails names the reason:
-- prompt example: the question is one of the prompts' own examples (a small teacher copies them);
+- prompt example: the question holds every key term of one of the prompts' example questions (a small
+  teacher copies them, or varies them a little);
 - length: a question of fewer than `min_question_words` or more than `max_question_words` words, an
   answer of more than `max_answer_words`;
 - refusal in a fact row: the answer of a fact question holds the refusal sentence;
@@ -31,8 +32,9 @@ hers him his how i if in into is it its itself just many may me might more most 
 once only or other our ours out over own same she should so some such than that the their them then there these
 they this those through to too under until up very was we were what when where which while who whom whose why will
 with would you your yours tell know say said name called kind one ones
-long far old often time times year years day days date number amount exactly""".split())
-"""Stop words, and the words of question frames (how long, what year, which number) that the answer's text lacks."""
+long far old often time times year years day days date number amount exactly answer question""".split())
+"""Stop words, the words of question frames (how long, what year, which number) that the answer's text lacks,
+and "answer" / "question" (a small teacher asks "What is the answer to the question?")."""
 _SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -96,11 +98,12 @@ def filter_candidates(cands: Sequence[Candidate], window_text: dict[int, str], d
     rejected: list[tuple[Candidate, str]] = []
     counts: Counter = Counter({r: 0 for r in REASONS})
 
-    examples = {" ".join(words(q)) for q in EXAMPLE_QUESTIONS}
+    examples = [key_terms(q) for q in EXAMPLE_QUESTIONS]
 
     def reason(c: Candidate) -> str | None:
         q = words(c.question)
-        if " ".join(q) in examples:
+        terms = key_terms(c.question)
+        if any(e <= terms for e in examples):
             return "prompt example"
         if not cfg.min_question_words <= len(q) <= cfg.max_question_words or len(c.answer.split()) > cfg.max_answer_words:
             return "length"
@@ -111,7 +114,7 @@ def filter_candidates(cands: Sequence[Candidate], window_text: dict[int, str], d
                 return "answer lacks fact"
             if not grounded(c.fact, window_text.get(c.window, ""), cfg.grounding_threshold):
                 return "ungrounded"
-        elif index.answered(key_terms(c.question)):
+        elif index.answered(terms):
             return "answerable"
         norm = " ".join(q)
         grams = ngrams(q, 3) or {tuple(q)}
