@@ -231,9 +231,11 @@ def _finish(opts: QAOptions, cfg: Any, out: Path, docs: list[Any], wins: list[An
     }
     write_report(out, report)
     if not kept:
+        earlier = [n for n in rows if (out / f"{n}.jsonl").exists()]
+        left = f"; {', '.join(f'{n}.jsonl' for n in earlier)} of an earlier run left as they were" if earlier else ""
         raise LorakitError(f"the teacher's replies gave no usable rows ({stats.calls} calls, {malformed} malformed, "
                            f"{len(cands)} candidates all rejected); see {out / 'synth_report.html'}; a larger "
-                           "teacher (--teacher-url) or smaller synth.window_tokens may help")
+                           f"teacher (--teacher-url) or smaller synth.window_tokens may help{left}")
     for name, r in rows.items():
         write_jsonl(out / f"{name}.jsonl", r)
     return QAResult(out, report)
