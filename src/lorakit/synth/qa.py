@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,7 +151,7 @@ def _check_context(teacher: Teacher, prompts: list[str], cfg: Any) -> None:
 
 
 def _parse_with_retry(teacher: Teacher, cache: TeacherCache, asks: list[tuple[int, str, str]], replies: list[Reply],
-                      stats: CallStats, progress: Callable[[Reply], None] | None) -> tuple[list[Any], int]:
+                      stats: CallStats, progress: _Bar | None) -> tuple[list[Any], int]:
     """Each reply's JSON; a reply without any is asked once more with a reminder, then read as plain text
     ("Question: ... Answer: ..."), then counted as malformed."""
     from lorakit.synth.pairs import RETRY_NOTE, parse_json, parse_text
@@ -160,7 +160,7 @@ def _parse_with_retry(teacher: Teacher, cache: TeacherCache, asks: list[tuple[in
     again = [i for i, (d, r) in enumerate(zip(data, replies)) if d is None and r.error is None]
     if again:
         if progress is not None:
-            progress.grow(len(again))  # type: ignore[attr-defined]
+            progress.grow(len(again))
         second = ask(teacher, cache, [asks[i][2] + RETRY_NOTE for i in again], stats, progress)
         for i, r in zip(again, second):
             data[i] = parse_json(r.text) if r.error is None else None
@@ -241,27 +241,34 @@ def _finish(opts: QAOptions, cfg: Any, out: Path, docs: list[Any], wins: list[An
     return QAResult(out, report)
 
 
+class _Bar:
+    """Advances a rich progress bar by one reply, counting the question/answer items parsed so far."""
+
+    def __init__(self, bar: Any, task: Any) -> None:
+        self.bar, self.task, self.pairs = bar, task, 0
+
+    def __call__(self, reply: Reply) -> None:
+        from lorakit.synth.pairs import parse_json
+
+        d = parse_json(reply.text) if reply.error is None else None
+        items = d.get("facts", d.get("questions")) if isinstance(d, dict) else d
+        self.pairs += len(items) if isinstance(items, list) else 0
+        self.bar.update(self.task, advance=1, pairs=self.pairs)
+
+    def grow(self, n: int) -> None:
+        """n more calls than planned (replies asked again)."""
+        self.bar.update(self.task, total=(self.bar.tasks[0].total or 0) + n)
+
+
 @contextmanager
-def _progress(console: Any | None, total: int) -> Iterator[Any]:
+def _progress(console: Any | None, total: int) -> Iterator[_Bar | None]:
     """A bar with teacher calls done, the question/answer items parsed so far, and the time left."""
     if console is None:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from lorakit.synth.pairs import parse_json
-
     with Progress(TextColumn("teacher calls", style="bold"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[pairs]} pairs"), TimeRemainingColumn(), console=console,
                   transient=True) as bar:
-        task = bar.add_task("synth qa", total=total, pairs=0)
-        pairs = [0]
-
-        def advance(reply: Reply) -> None:
-            d = parse_json(reply.text) if reply.error is None else None
-            items = d.get("facts", d.get("questions")) if isinstance(d, dict) else d
-            pairs[0] += len(items) if isinstance(items, list) else 0
-            bar.update(task, advance=1, pairs=pairs[0])
-
-        advance.grow = lambda n: bar.update(task, total=bar.tasks[0].total + n)  # type: ignore[attr-defined]
-        yield advance
+        yield _Bar(bar, bar.add_task("synth qa", total=total, pairs=0))
