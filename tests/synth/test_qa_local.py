@@ -58,3 +58,25 @@ def test_local_teacher_without_usable_output_is_an_error_with_a_report(tiny_chat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert "over the teacher's context of 4096; lower synth.window_tokens (3900)" in proc.stderr
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_on_one_handbook_window(tmp_path: Path) -> None:
+    """The real 135M teacher: whatever it writes is parsed, filtered and reported (it rarely writes usable rows)."""
+    from lorakit.models.resolve import builtin_path
+
+    try:
+        builtin_path("smollm2-135m-instruct")
+    except LorakitError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "out"
+    settings = ["synth.max_new_tokens=64", "synth.facts_per_window=1", "synth.unanswerable_per_window=1"]
+    try:
+        handbook = Path(__file__).parents[2] / "examples" / "handbook" / "handbook.md"
+        synth_qa(QAOptions([handbook], out, teacher="smollm2-135m-instruct", overrides=settings, limit=1))
+    except LorakitError as err:
+        assert "gave no usable rows" in str(err)
+    report = json.loads((out / "synth_report.json").read_text())
+    assert report["windows"] == 1 and 2 <= report["calls"]["total"] <= 4 and report["tokens"]["completion"] > 0
+    assert report["kept"] == sum(report["files"].values())
+    assert report["candidates"] == report["kept"] + sum(report["rejected"].values())
