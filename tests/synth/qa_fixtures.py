@@ -49,7 +49,7 @@ FACTS = {
          "reversed": None},
     ],
 }
-UNANSWERABLE = ["How many steps does the lighthouse tower have?", "What is the name of the current keeper's dog?",
+UNANSWERABLE = ["How many steps does the lighthouse tower have?", "What colour is the lighthouse keeper's boat?",
                 "Who built the Gull Point lighthouse in 1887?"]  # the last is answered by the text
 
 

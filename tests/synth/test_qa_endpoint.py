@@ -71,10 +71,11 @@ def test_endpoint_teacher_writes_the_three_files_and_a_report(tmp_path: Path) ->
                                           and r["fact"] == r["messages"][1]["content"] for r in refusals)
         assert {r.get("variant") for r in train + heldout} == {"question", "paraphrase", "reverse", None}  # None: refusals
         report = json.loads((out / "synth_report.json").read_text())
-        assert report["calls"] | {"teacher_seconds": 0} == {"total": 7, "cached": 0, "failed": 0, "retried": 1,
-                                                             "malformed": 0, "incomplete_items": 1, "teacher_seconds": 0}
-        assert report["rejected"] == {"prompt example": 0, "length": 1, "refusal in a fact row": 1, "answer lacks fact": 0, "ungrounded": 1,
-                                      "answerable": 1, "duplicate": 1}
+        assert report["calls"] | {"teacher_seconds": 0} == {
+            "total": 7, "cached": 0, "failed": 0, "retried": 1, "read_from_text": 0, "malformed": 0,
+            "incomplete_items": 1, "teacher_seconds": 0}
+        assert report["rejected"] == {"prompt example": 0, "length": 1, "refusal in a fact row": 1,
+                                      "answer lacks fact": 0, "ungrounded": 1, "answerable": 1, "duplicate": 1}
         assert report["files"] == {"train": len(train), "heldout": 4, "unanswerable": len(unanswerable)}
         assert report["windows"] == 3 and report["tokens"]["prompt"] > 0
         html = (out / "synth_report.html").read_text()

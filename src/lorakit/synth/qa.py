@@ -136,14 +136,14 @@ def _check_context(teacher: Teacher, prompts: list[str], cfg: Any) -> None:
     """A prompt (window included) plus the reply must fit the local teacher's context."""
     if teacher.context is None or not prompts:
         return
-    from lorakit.synth.pairs import facts_prompt
+    from lorakit.synth.pairs import RETRY_NOTE, facts_prompt
 
     fixed = teacher.prompt_tokens(facts_prompt("", cfg.facts_per_window, cfg.paraphrases)) + cfg.max_new_tokens
     if fixed > teacher.context:
         raise LorakitError(f"the teacher's context of {teacher.context} tokens cannot hold the instructions and "
                            f"synth.max_new_tokens ({cfg.max_new_tokens}) even without a window ({fixed} tokens); use a "
                            "teacher with a longer context, or lower synth.max_new_tokens")
-    need = max(teacher.prompt_tokens(p) for p in prompts) + cfg.max_new_tokens
+    need = max(teacher.prompt_tokens(p + RETRY_NOTE) for p in prompts) + cfg.max_new_tokens  # as asked again
     if need > teacher.context:
         raise LorakitError(f"a window's prompt plus synth.max_new_tokens ({cfg.max_new_tokens}) is {need} tokens, over "
                            f"the teacher's context of {teacher.context}; lower synth.window_tokens "
