@@ -25,7 +25,8 @@ from typing import Any
 
 from lorakit.synth.pairs import EXAMPLE_QUESTIONS, Candidate
 
-REASONS = ("prompt example", "length", "refusal in a fact row", "answer lacks fact", "ungrounded", "answerable", "duplicate")
+REASONS = ("prompt example", "length", "refusal in a fact row", "answer lacks fact", "ungrounded", "answerable",
+           "duplicate")
 STOP_WORDS = frozenset("""a about above after again all also am an and any are as at be been before being below
 between both but by can could did do does doing down during each ever few for from had has have having he her here
 hers him his how i if in into is it its itself just many may me might more most much must my no nor not of off on
@@ -105,7 +106,8 @@ def filter_candidates(cands: Sequence[Candidate], window_text: dict[int, str], d
         terms = key_terms(c.question)
         if any(e <= terms for e in examples):
             return "prompt example"
-        if not cfg.min_question_words <= len(q) <= cfg.max_question_words or len(c.answer.split()) > cfg.max_answer_words:
+        if not cfg.min_question_words <= len(q) <= cfg.max_question_words \
+                or len(c.answer.split()) > cfg.max_answer_words:
             return "length"
         if c.kind == "fact":
             if refuses(c.answer):

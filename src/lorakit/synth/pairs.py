@@ -109,11 +109,13 @@ def parse_json(text: str) -> Any:
     return items or None
 
 
-_QA_TEXT = re.compile(r"^[ \t]*(?:\d+[.)][ \t]*)?(?:\*\*)?Q(?:uestion)?[ \t]*\d*[ \t]*(?:\*\*)?[:.][ \t]*(?:\*\*)?(.+?)[ \t]*\n"
-                      r"(?:[ \t]*\n)*[ \t]*(?:\*\*)?A(?:nswer)?[ \t]*\d*[ \t]*(?:\*\*)?[:.][ \t]*(?:\*\*)?(.+)$",
-                      re.IGNORECASE | re.MULTILINE)
-_QUESTION_LINE = re.compile(r"^[ \t]*(?:[-*]|\d+[.)])?[ \t]*(?:Q(?:uestion)?[ \t]*\d*[ \t]*[:.])?[ \t]*(.{8,}?\?)[ \t]*$",
-                            re.IGNORECASE | re.MULTILINE)
+_QA_TEXT = re.compile(  # "1. **Question 2:** ...", a newline (and blank lines), "**Answer:** ..."
+    r"^[ \t]*(?:\d+[.)][ \t]*)?(?:\*\*)?Q(?:uestion)?[ \t]*\d*[ \t]*(?:\*\*)?[:.][ \t]*(?:\*\*)?(.+?)[ \t]*\n"
+    r"(?:[ \t]*\n)*[ \t]*(?:\*\*)?A(?:nswer)?[ \t]*\d*[ \t]*(?:\*\*)?[:.][ \t]*(?:\*\*)?(.+)$",
+    re.IGNORECASE | re.MULTILINE)
+_QUESTION_LINE = re.compile(  # "- ...?", "2. ...?", "Question: ...?" on a line of its own
+    r"^[ \t]*(?:[-*]|\d+[.)])?[ \t]*(?:Q(?:uestion)?[ \t]*\d*[ \t]*[:.])?[ \t]*(.{8,}?\?)[ \t]*$",
+    re.IGNORECASE | re.MULTILINE)
 
 
 def parse_text(text: str, what: str) -> Any:

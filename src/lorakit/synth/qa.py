@@ -91,7 +91,8 @@ def make_teacher(opts: QAOptions, cfg: Any) -> Teacher:
         return EndpointTeacher(opts.teacher_url, opts.teacher_model, api_key(opts.api_key_env), cfg.max_new_tokens,
                                cfg.temperature, cfg.seed, cfg.concurrency, cfg.timeout_s, cfg.retries, cfg.backoff_s)
     if not opts.teacher and not opts.teacher_adapter:
-        raise LorakitError("give a teacher: --teacher MODEL (a lorakit model) or --teacher-url URL --teacher-model NAME")
+        raise LorakitError("give a teacher: --teacher MODEL (a lorakit model) or --teacher-url URL "
+                           "--teacher-model NAME")
     from lorakit.synth.run import ModelChoice
 
     source = ModelChoice(opts.teacher, opts.teacher_adapter, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code)
