@@ -28,8 +28,9 @@ adapter_app = typer.Typer(help="Inspect LoRA adapter directories.", no_args_is_h
 data_app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
 config_app = typer.Typer(help="Check and print configs.", no_args_is_help=True)
 export_app = typer.Typer(help="Export models to other formats.", no_args_is_help=True)
-synth_app = typer.Typer(help="Training rows written by the base model itself (against forgetting).",
-                        no_args_is_help=True)
+synth_app = typer.Typer(help="Training rows written by a model: from your documents (qa), or by the base model "
+                         "itself against forgetting (replay, rewrite).",
+                         no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
@@ -604,6 +605,32 @@ def synth_rewrite(
     console = _console()
     console.print(rewrite(opts, console).summary(), highlight=False, soft_wrap=True)
 
+
+
+@synth_app.command("qa")
+def synth_qa(
+    docs: Annotated[list[Path], typer.Argument(help="Documents (.txt .md .pdf .html .jsonl) or folders of them.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for train/heldout/unanswerable.jsonl, the report and "
+                                      "the teacher cache (new, empty, or an earlier run's: it resumes).")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="A lorakit model as the teacher.")] = None,
+    teacher_adapter: Annotated[Optional[Path], typer.Option("--teacher-adapter", help="LoRA adapter on --teacher.")] = None,
+    teacher_url: Annotated[Optional[str], typer.Option("--teacher-url", help="OpenAI-compatible endpoint (.../v1).")] = None,
+    teacher_model: Annotated[Optional[str], typer.Option("--teacher-model", help="The endpoint's model name.")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="Environment variable with the endpoint's key.")]
+    = "OPENAI_API_KEY",
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML with a synth: section.")] = None,
+    overrides: SetOption = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N windows.")] = None,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Question/answer training data from your documents, written by a teacher model window by window."""
+    from lorakit.synth.qa import QAOptions, synth_qa as run_qa
+
+    opts = QAOptions(list(docs), out, teacher, teacher_adapter, teacher_url, teacher_model, api_key_env, config,
+                     list(overrides or []), limit, dtype, trust_remote_code)
+    console = _console()
+    console.print(run_qa(opts, console).summary(), highlight=False, soft_wrap=True)
 
 _OOM_HINTS = {
     "train": "lower train.batch_size or data.max_length (raise train.grad_accum to keep the batch), "

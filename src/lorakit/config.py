@@ -291,6 +291,77 @@ class EvalConfig:
 
 
 @dataclass
+class SynthConfig:
+    """`lorakit synth qa`: question/answer rows from documents, written by a teacher model window by window."""
+
+    window_tokens: int = 384
+    """Document text per teacher call (teacher tokens; words x 1.3 for an endpoint without a local tokenizer)."""
+    overlap_tokens: int = 64
+    """Text the next window repeats from the end of the previous one, so no fact is cut in two."""
+    text_column: str = "text"
+    """The column holding each document in a .jsonl file."""
+    facts_per_window: int = 5
+    paraphrases: int = 2
+    """Other wordings asked for per fact question."""
+    unanswerable_per_window: int = 2
+    refusal: str = "I can't answer that from the handbook."
+    """The answer of every unanswerable question (and what a fact answer must not contain)."""
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    """0 = greedy; above 0 the teacher samples, seeded by `seed` (endpoints that accept a seed)."""
+    seed: int = 0
+    batch_size: int = 8
+    """Local teacher: windows generated at once."""
+    concurrency: int = 4
+    """Endpoint teacher: requests in flight."""
+    timeout_s: float = 120.0
+    retries: int = 4
+    """Endpoint teacher: tries after the first on 429 / 5xx / connection errors, with exponential backoff."""
+    backoff_s: float = 1.0
+    grounding_threshold: float = 0.9
+    """A fact not found verbatim (after normalisation) in its window is kept when its best fuzzy match there
+    scores at least this (difflib ratio, 0-1)."""
+    dedup_jaccard: float = 0.8
+    """Questions whose word 3-gram Jaccard similarity with an earlier kept question reaches this are dropped."""
+    min_question_words: int = 3
+    max_question_words: int = 40
+    max_answer_words: int = 60
+    heldout_fraction: float = 0.3
+    """Share of facts with another wording whose other wording goes to heldout.jsonl instead of train.jsonl."""
+    unanswerable_fraction: float = 0.3
+    """Share of unanswerable questions in unanswerable.jsonl; the rest train the refusal."""
+    ngram_guard: int = 6
+    """No held-out or unanswerable question shares a word sequence this long with a training row."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        positive = {k: getattr(self, k) for k in ("window_tokens", "max_new_tokens", "batch_size", "concurrency",
+                                                  "min_question_words", "max_question_words", "max_answer_words",
+                                                  "ngram_guard")}
+        problems += [(k, f"must be >= 1, got {v}") for k, v in positive.items() if v < 1]
+        non_negative = {k: getattr(self, k) for k in ("overlap_tokens", "facts_per_window", "paraphrases",
+                                                      "unanswerable_per_window", "retries", "backoff_s", "temperature")}
+        problems += [(k, f"must be >= 0, got {v}") for k, v in non_negative.items() if v < 0]
+        if self.overlap_tokens >= self.window_tokens:
+            problems.append(("overlap_tokens", f"must be < window_tokens ({self.window_tokens}), got {self.overlap_tokens}"))
+        if self.facts_per_window + self.unanswerable_per_window == 0:
+            problems.append(("facts_per_window", "and unanswerable_per_window are both 0; nothing would be asked"))
+        if not self.refusal.strip():
+            problems.append(("refusal", "is empty; give the sentence unanswerable questions are answered with"))
+        if self.timeout_s <= 0:
+            problems.append(("timeout_s", f"must be > 0, got {self.timeout_s}"))
+        for key in ("grounding_threshold", "dedup_jaccard"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                problems.append((key, f"must be in (0, 1], got {getattr(self, key)}"))
+        for key in ("heldout_fraction", "unanswerable_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                problems.append((key, f"must be in [0, 1], got {getattr(self, key)}"))
+        if self.min_question_words > self.max_question_words:
+            problems.append(("min_question_words", f"is above max_question_words ({self.max_question_words})"))
+        return problems
+
+
+@dataclass
 class Config:
     """A whole run: model, adapter, data, training and where outputs go."""
 
@@ -301,6 +372,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     output_dir: str = "runs/run"
     seed: int = 0
 
