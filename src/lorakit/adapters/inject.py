@@ -17,20 +17,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from lorakit.adapters.lora import Init, LoRALinear, _is_conv1d
+from lorakit.adapters.lora import Init, LoRALinear
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear, is_linear
 
 ALL_LINEAR = "all-linear"
 _REGEX_CHARS = set("*+?[](){}|^$\\")
-
-
-def is_linear(module: nn.Module) -> bool:
-    """A layer LoRA can wrap: nn.Linear, GPT-2's Conv1D, or a lorakit quantized linear."""
-    return (
-        isinstance(module, nn.Linear)
-        or _is_conv1d(module)
-        or (hasattr(module, "in_features") and hasattr(module, "dequantized_weight"))
-    )
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -183,7 +175,7 @@ def unwrap_lora(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     merged in place, in their own dtype.
     """
     for name, layer in list(lora_layers(model)):
-        if hasattr(layer.base_layer, "dequantized_weight"):
+        if isinstance(layer.base_layer, QuantizedLinear):
             wrap_layer(model, name, merged_linear(layer, dtype or torch.float32))
         else:
             layer.merge()
@@ -215,8 +207,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
-        if hasattr(module, "dequantized_weight") and hasattr(module, "in_features"):
-            total += int(module.in_features) * int(module.out_features)
+        if isinstance(module, QuantizedLinear):
+            total += module.in_features * module.out_features
     return trainable, total
 
 

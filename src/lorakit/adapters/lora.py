@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear, is_conv1d
 
 Init = Literal["kaiming", "gaussian"]
 
@@ -29,18 +30,14 @@ def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
     """
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features, False
-    if _is_conv1d(layer):
+    if is_conv1d(layer):
         in_f, out_f = layer.weight.shape  # Conv1D: (nx, nf)
         return int(in_f), int(out_f), True
-    if hasattr(layer, "in_features") and hasattr(layer, "dequantized_weight"):
-        return int(layer.in_features), int(layer.out_features), False  # lorakit.quant layers
+    if isinstance(layer, QuantizedLinear):
+        return layer.in_features, layer.out_features, False
     raise LorakitError(
         f"LoRA cannot wrap a {type(layer).__name__}; target linear layers (nn.Linear, GPT-2 Conv1D)"
     )
-
-
-def _is_conv1d(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
 class _LoRAPath(torch.autograd.Function):
@@ -204,7 +201,7 @@ class LoRALinear(nn.Module):
 
     def _base_weight(self, what: str) -> nn.Parameter:
         weight = getattr(self.base_layer, "weight", None)
-        if not isinstance(weight, torch.Tensor) or hasattr(self.base_layer, "dequantized_weight"):
+        if not isinstance(weight, torch.Tensor) or isinstance(self.base_layer, QuantizedLinear):
             raise LorakitError(
                 f"cannot {what} into a quantized base layer in place; "
                 "use `lorakit merge`, which dequantizes and writes full precision"

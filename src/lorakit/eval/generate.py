@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear
 
 Message = dict[str, str]
 
@@ -100,7 +101,7 @@ def _merge_if_exact(model: nn.Module) -> None:
     from lorakit.adapters.inject import lora_layers, merge_lora
 
     layers = [layer for _, layer in lora_layers(model)]
-    if layers and all(not hasattr(l.base_layer, "dequantized_weight")
+    if layers and all(not isinstance(l.base_layer, QuantizedLinear)
                       and getattr(l.base_layer, "weight", None) is not None
                       and l.base_layer.weight.dtype == torch.float32 for l in layers):
         merge_lora(model)

@@ -37,6 +37,7 @@ from lorakit.adapters.state import (
     read_adapter_weights,
 )
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear, is_conv1d
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max |logit difference| allowed, as a fraction of the largest |logit|, and the least top-1 agreement
@@ -119,7 +120,7 @@ def _weight_layout(layer: nn.Module) -> tuple[torch.Tensor, bool]:
     """(weight parameter, fan_in_fan_out) of a plain linear layer."""
     if isinstance(layer, nn.Linear):
         return layer.weight, False
-    if type(layer).__name__ == "Conv1D":
+    if is_conv1d(layer):
         return layer.weight, True  # GPT-2 stores (in, out)
     raise LorakitError(f"cannot merge into a {type(layer).__name__}; lorakit merges into linear layers")
 
@@ -128,16 +129,9 @@ def dequantize_all(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace every lorakit quantized linear by a plain nn.Linear holding its dequantized weight."""
     n = 0
     for name, module in list(model.named_modules()):
-        if hasattr(module, "dequantized_weight") and hasattr(module, "in_features") and name:
-            bias = getattr(module, "bias", None)
-            linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype,
-                               device=module.weight_data.device)
-            with torch.no_grad():
-                linear.weight.copy_(module.dequantized_weight(torch.float32).to(dtype))
-                if bias is not None:
-                    linear.bias.copy_(bias.to(dtype))
+        if isinstance(module, QuantizedLinear) and name:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            setattr(model.get_submodule(parent) if parent else model, child, module.to_linear(dtype))
             n += 1
     return n
 
