@@ -120,7 +120,8 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     from lorakit.eval.generate import GenerationSettings, load_for_inference
     from lorakit.eval.report import write_report
     from lorakit.io import atomic_write_text
-    from lorakit.models.load import DTYPES, resolve_dtype
+    from lorakit.dtypes import DTYPES
+    from lorakit.models.load import resolve_dtype
     from lorakit.train.loop import train
 
     console = Console()

@@ -36,10 +36,10 @@ from lorakit.adapters.state import (
     read_adapter_meta,
     read_adapter_weights,
 )
+from lorakit.dtypes import DTYPES
 from lorakit.errors import LorakitError
 from lorakit.quant.linear import QuantizedLinear, is_conv1d
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max |logit difference| allowed, as a fraction of the largest |logit|, and the least top-1 agreement
 TOLERANCE = {"fp32": (1e-4, 1.0), "bf16": (0.05, 0.9), "fp16": (0.01, 0.95)}
 
