@@ -103,7 +103,7 @@ def save_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "r": first.r,
         "lora_alpha": first.alpha,
-        "lora_dropout": _dropout_p(first),
+        "lora_dropout": first.dropout,
         "target_modules": peft_target_modules(model, names),
         "use_rslora": first.use_rslora,
         "fan_in_fan_out": first.fan_in_fan_out,
@@ -127,10 +127,6 @@ def save_adapter(
         if meta:
             atomic_write_text(tmp / LORAKIT_META, json.dumps(meta, indent=2, default=str) + "\n")
     return directory
-
-
-def _dropout_p(layer: LoRALinear) -> float:
-    return float(getattr(layer.lora_dropout, "p", 0.0))
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
