@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from lorakit.adapters.lora import Init, LoRALinear
+from lorakit.adapters.lora import Init, LoRALinear, merged_weight
 from lorakit.errors import LorakitError
 from lorakit.quant.linear import QuantizedLinear, is_linear
 
@@ -151,8 +151,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def merge_lora(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
-        layer.merge()
+    for name, layer in lora_layers(model):
+        layer.merge(name)
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -175,31 +175,13 @@ def unwrap_lora(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     merged in place, in their own dtype.
     """
     for name, layer in list(lora_layers(model)):
-        if isinstance(layer.base_layer, QuantizedLinear):
-            wrap_layer(model, name, merged_linear(layer, dtype or torch.float32))
+        base = layer.base_layer
+        if isinstance(base, QuantizedLinear):  # never merged in place (LoRALinear.merge refuses)
+            weight = merged_weight(base.dequantized_weight(torch.float32), [layer.factor()], name)  # (out, in)
+            wrap_layer(model, name, base.to_linear(dtype or torch.float32, weight))
         else:
-            layer.merge()
-            wrap_layer(model, name, layer.base_layer)
-
-
-@torch.no_grad()
-def merged_linear(layer: LoRALinear, dtype: torch.dtype = torch.float32) -> nn.Linear:
-    """A plain nn.Linear holding dequant(W) + B A * scaling, computed in fp32, stored in `dtype`."""
-    base = layer.base_layer
-    weight = base.dequantized_weight(torch.float32)  # (out, in)
-    if not layer.merged:
-        weight = weight + layer.delta_weight()
-    if not torch.isfinite(weight).all():
-        raise LorakitError("merging would put NaN/inf into the weight; the adapter is broken")
-    bias = getattr(base, "bias", None)
-    out = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
-    out.weight.copy_(weight.to(dtype))
-    if bias is not None:
-        out.bias.copy_(bias.to(dtype))
-    out.weight.requires_grad_(False)
-    if out.bias is not None:
-        out.bias.requires_grad_(False)
-    return out
+            layer.merge(name)
+            wrap_layer(model, name, base)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

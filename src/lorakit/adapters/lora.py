@@ -11,6 +11,8 @@ its updates to bf16; merging is computed in fp32 and written back in the base's 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -122,6 +124,44 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+@dataclass(frozen=True)
+class LoRAFactor:
+    """One adapter's update of one layer, scaling * B @ A: what merging adds to the base weight."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float  # lora_scaling(alpha, r), times any strength multiplier
+    adapter: str = ""  # the adapter's directory, for messages ("" for one in memory)
+    module: str = ""  # the layer's path in the model ("" when the caller knows it)
+
+    def delta(self, fan_in_fan_out: bool = False) -> torch.Tensor:
+        """scaling * B @ A in fp32: (out, in), or (in, out) for a GPT-2 Conv1D weight."""
+        delta = (self.B.float() @ self.A.float()) * self.scaling  # (out, in)
+        return delta.T if fan_in_fan_out else delta
+
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, factors: Sequence[LoRAFactor], name: str,
+                  fan_in_fan_out: bool = False) -> torch.Tensor:
+    """weight + the factors' updates, in fp32: the one merge (LoRALinear.merge, unwrap_lora, `lorakit merge`).
+
+    `weight` is the fp32 base weight of layer `name`, left unchanged. An update of the wrong shape
+    or a sum with NaN/inf is refused, naming the adapter and the layer.
+    """
+    merged = weight
+    for f in factors:
+        delta = f.delta(fan_in_fan_out)
+        source = f"adapter {f.adapter}" if f.adapter else "the adapter"
+        if delta.shape != merged.shape:
+            raise LorakitError(f"{source}: {name} has an update of shape {tuple(delta.shape)} but the layer's "
+                               f"weight is {tuple(merged.shape)}; the adapter belongs to another model")
+        merged = merged + delta.to(merged.device)
+        if not torch.isfinite(merged).all():
+            raise LorakitError(f"merging {source} into {name} gives NaN/inf; the adapter is broken "
+                               "(check its training run for a diverged loss)")
+    return merged
+
+
 def _init_lora_a(weight: torch.Tensor, init: Init, r: int) -> None:
     """A: kaiming-uniform with a=sqrt(5) as in the LoRA reference code and PEFT, or N(0, 1/r)."""
     if init == "kaiming":
@@ -158,7 +198,6 @@ class LoRALinear(nn.Module):
         self.fan_in_fan_out = fan_in_fan_out
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scale = 1.0  # strength multiplier at inference (set_scale); training leaves it at 1
-        self.scaling = lora_scaling(self.alpha, r, use_rslora)
         device = _device_of(base_layer)
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=torch.float32)  # (r, in)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=torch.float32)  # (out, r)
@@ -193,19 +232,20 @@ class LoRALinear(nn.Module):
         compute_dtype = torch.get_autocast_dtype(device_type) if on else self.lora_A.weight.dtype
         return LoRASpec(self.scaling, self.dropout if self.training else 0.0, compute_dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """(B @ A) * scaling in fp32, in the base weight's layout."""
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
-        return delta.T if self.fan_in_fan_out else delta
+    @property
+    def scaling(self) -> float:
+        """alpha / r (alpha / sqrt(r) with rsLoRA) times the inference scale."""
+        return lora_scaling(self.alpha, self.r, self.use_rslora) * self.scale
 
-    def merge(self) -> None:
-        """Fold the update into the base weight. Safe to call twice."""
+    def factor(self) -> LoRAFactor:
+        return LoRAFactor(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def merge(self, name: str = "this LoRA layer") -> None:
+        """Fold the update into the base weight (`name`: the layer's path, for errors). Safe to call twice."""
         if self.merged:
             return
         weight = self._base_weight("merge")
-        merged = weight.data.float() + self.delta_weight()
-        if not torch.isfinite(merged).all():
-            raise LorakitError("merging would put NaN/inf into the base weight; the adapter is broken")
+        merged = merged_weight(weight.data.float(), [self.factor()], name, self.fan_in_fan_out)
         weight.data.copy_(merged.to(weight.dtype))
         self.merged = True
 
@@ -214,7 +254,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self._base_weight("unmerge")
-        weight.data.copy_((weight.data.float() - self.delta_weight()).to(weight.dtype))
+        weight.data.copy_((weight.data.float() - self.factor().delta(self.fan_in_fan_out)).to(weight.dtype))
         self.merged = False
 
     def set_scale(self, scale: float) -> None:
@@ -231,7 +271,6 @@ class LoRALinear(nn.Module):
         merged = self.merged
         self.unmerge()
         self.scale = float(scale)
-        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora) * self.scale
         if merged:
             self.merge()
 

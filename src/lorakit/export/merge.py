@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.lora import lora_scaling
+from lorakit.adapters.lora import LoRAFactor, lora_scaling, merged_weight
 from lorakit.adapters.state import (
     PEFT_PREFIX,
     _modules_in,
@@ -42,17 +42,6 @@ from lorakit.quant.linear import QuantizedLinear, is_conv1d
 
 # max |logit difference| allowed, as a fraction of the largest |logit|, and the least top-1 agreement
 TOLERANCE = {"fp32": (1e-4, 1.0), "bf16": (0.05, 0.9), "fp16": (0.01, 0.95)}
-
-
-@dataclass
-class LoRAFactor:
-    """One adapter's update of one layer: scaling * B @ A."""
-
-    adapter: str
-    module: str
-    A: torch.Tensor  # (r, in) fp32
-    B: torch.Tensor  # (out, r) fp32
-    scaling: float  # alpha / r (or / sqrt(r)), times the merge scale and the adapter's weight
 
 
 @dataclass
@@ -111,8 +100,8 @@ def adapter_factors(ref: AdapterRef, alpha: float | None = None, scale: float = 
         r = int(a.shape[0])
         layer_alpha = alpha if alpha is not None else float(_pattern_value(config.get("alpha_pattern") or {}, name,
                                                                               base_alpha))
-        scaling = lora_scaling(layer_alpha, r, use_rslora) * scale * ref.weight
-        factors.append(LoRAFactor(str(ref.path), name, a, b, scaling))
+        scaling = lora_scaling(layer_alpha, r, use_rslora) * scale * ref.weight  # times the merge scale and weight
+        factors.append(LoRAFactor(a, b, scaling, adapter=str(ref.path), module=name))
     return factors
 
 
@@ -139,37 +128,27 @@ def dequantize_all(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
 @torch.no_grad()
 def merge_factors(model: nn.Module, factors: list[LoRAFactor]) -> None:
     """Add every factor into its layer's weight, in fp32, in place (the model must be plain fp32)."""
-    by_module: dict[str, list[LoRAFactor]] = {}
-    for f in factors:
-        by_module.setdefault(f.module, []).append(f)
-    for name, group in by_module.items():
+    for name, group in by_module(factors).items():
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             raise LorakitError(f"adapter {group[0].adapter} adapts {name}, which this model does not have; "
                                "merge it into the base model it was trained on") from None
         weight, fan_in_fan_out = _weight_layout(layer)
-        merged = weight.detach().float().clone()
-        for f in group:
-            delta = (f.B @ f.A) * f.scaling  # (out, in)
-            if fan_in_fan_out:
-                delta = delta.T
-            if delta.shape != merged.shape:
-                raise LorakitError(f"adapter {f.adapter}: {name} has an update of shape {tuple(delta.shape)} but the "
-                                   f"layer's weight is {tuple(merged.shape)}; the adapter belongs to another model")
-            merged += delta.to(merged.device)
-            if not torch.isfinite(merged).all():
-                raise LorakitError(f"merging adapter {f.adapter} into {name} gives NaN/inf; the adapter is broken "
-                                   "(check its training run for a diverged loss)")
-        weight.copy_(merged.to(weight.dtype))
+        weight.copy_(merged_weight(weight.detach().float(), group, name, fan_in_fan_out).to(weight.dtype))
+
+
+def by_module(factors: list[LoRAFactor]) -> dict[str, list[LoRAFactor]]:
+    """The factors grouped by the layer they update, in first-seen order."""
+    groups: dict[str, list[LoRAFactor]] = {}
+    for f in factors:
+        groups.setdefault(f.module, []).append(f)
+    return groups
 
 
 @contextmanager
 def adapters_as_hooks(model: nn.Module, factors: list[LoRAFactor]) -> Iterator[None]:
     """Run the base with the adapters added to each layer's output, as LoRA does in training."""
-    by_module: dict[str, list[LoRAFactor]] = {}
-    for f in factors:
-        by_module.setdefault(f.module, []).append(f)
     handles = []
 
     def hook_for(group: list[LoRAFactor]):
@@ -180,7 +159,7 @@ def adapters_as_hooks(model: nn.Module, factors: list[LoRAFactor]) -> Iterator[N
 
         return hook
 
-    for name, group in by_module.items():
+    for name, group in by_module(factors).items():
         handles.append(model.get_submodule(name).register_forward_hook(hook_for(group)))
     try:
         yield
