@@ -143,7 +143,7 @@ def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-form
     console.print(f"modules        {len(ai.modules)} adapted layers")
     console.print(f"parameters     {ai.num_params:,}")
     console.print(f"files          {human_bytes(ai.file_bytes)}")
-    for key, value in ai.meta.items():
+    for key, value in (ai.meta.to_dict() if ai.meta else {}).items():
         if not isinstance(value, (dict, list)):
             console.print(f"{key:<14} {value}", markup=False)
 

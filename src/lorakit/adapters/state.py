@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 from lorakit.adapters.inject import freeze_base, linear_layer_names, lora_layers, wrap_layer
 from lorakit.adapters.lora import LoRALinear
 from lorakit.errors import LorakitError
+from lorakit.models.quantized import QuantSpec
 from lorakit.io import atomic_dir, atomic_write_text
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,7 +50,7 @@ class AdapterInfo:
     modules: list[str]
     num_params: int
     file_bytes: int
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: AdapterMeta | None = None  # lorakit.json; None for a PEFT-made adapter
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,10 +88,13 @@ def save_adapter(
     model: nn.Module,
     directory: str | Path,
     base_model_name_or_path: str | None = None,
-    meta: dict[str, Any] | None = None,
+    meta: AdapterMeta | Mapping[str, Any] | None = None,
     overwrite: bool = True,
 ) -> Path:
-    """Write the model's LoRA adapters to `directory` in PEFT's format, atomically."""
+    """Write the model's LoRA adapters to `directory` in PEFT's format, atomically.
+
+    `meta` (lorakit.json) may be given as a mapping of its keys; it is checked as reading checks it.
+    """
     layers = list(lora_layers(model))
     if not layers:
         raise LorakitError("the model has no LoRA adapters to save; inject or load one first")
@@ -119,13 +124,15 @@ def save_adapter(
         config["rank_pattern"] = {re.escape(n): layer.r for n, layer in layers if layer.r != first.r}
         config["alpha_pattern"] = {re.escape(n): layer.alpha for n, layer in layers if layer.alpha != first.alpha}
     directory = Path(directory)
+    if meta and not isinstance(meta, AdapterMeta):
+        meta = AdapterMeta.from_dict(dict(meta), directory / LORAKIT_META)
     weights = adapter_state_dict(model)
     require_finite(weights, f"not writing adapter {directory}")
     with atomic_dir(directory, overwrite=overwrite) as tmp:
         save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
         if meta:
-            atomic_write_text(tmp / LORAKIT_META, json.dumps(meta, indent=2, default=str) + "\n")
+            write_adapter_meta(tmp, meta)
     return directory
 
 
@@ -196,38 +203,79 @@ def _config_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
-_META_TYPES: dict[str, tuple[type, ...]] = {
-    "base_model": (str,), "template": (str,), "system_prompt": (str,), "method": (str,), "quantization": (dict,),
-    "max_length": (int,), "base_model_revision": (str,),
-}
+@dataclass
+class AdapterMeta:
+    """lorakit.json: what reloading an adapter needs beside PEFT's files (its base, template, quantized base).
+
+    Written next to every adapter training saves; a PEFT-made adapter has none (read_adapter_meta
+    gives None). The file holds these keys in this order, then `extra` (a checkpoint's step,
+    adapter-best's eval_loss or best metric) as written.
+    """
+
+    lorakit_version: str | None = None
+    base_model: str | None = None
+    method: str | None = None  # lora | qlora | full
+    template: str | None = None
+    system_prompt: str | None = None
+    max_length: int | None = None
+    quantization: dict[str, Any] | None = None  # what load_model quantized: method, blocksize, double_quant, ...
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> AdapterMeta:
+        """Validated: a wrong type or quantization is a one-line error naming `path`, never guessed around."""
+        if not isinstance(data, dict):
+            raise LorakitError(f"{path} holds {type(data).__name__}, not a JSON object; the adapter's metadata is damaged")
+        names = [f.name for f in fields(cls) if f.name != "extra"]
+        for key in names:
+            want = int if key == "max_length" else dict if key == "quantization" else str
+            if data.get(key) is not None and not isinstance(data[key], want):
+                raise LorakitError(f"{path}: {key} is {data[key]!r}, expected {want.__name__}; the metadata is damaged")
+        q = data.get("quantization")
+        if q is not None and q.get("method") not in ("nf4", "int8"):
+            raise LorakitError(f"{path}: quantization.method is {q.get('method')!r}, expected nf4 or int8; "
+                               "the metadata is damaged")
+        if q is not None and q.get("method") == "nf4" and q.get("blocksize", 64) not in (32, 64, 128, 256):
+            raise LorakitError(f"{path}: quantization.blocksize is {q.get('blocksize')!r}, expected 32, 64, 128 or 256")
+        return cls(**{k: data.get(k) for k in names}, extra={k: v for k, v in data.items() if k not in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**values, **self.extra}
+
+    def quant_spec(self, compute_dtype: torch.dtype | None = None) -> QuantSpec | None:
+        """The quantized base the adapter was trained on, for load_model (None: a full-precision base).
+
+        `compute_dtype` None: the recorded one (bfloat16 / float16, else fp32).
+        """
+        q = self.quantization
+        if not q:
+            return None
+        if compute_dtype is None:
+            compute_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(q.get("compute_dtype"),
+                                                                                       torch.float32)
+        return QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), compute_dtype)
 
 
-def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
-    """The adapter's lorakit.json: {} when absent (a PEFT-made adapter); one-line error when damaged.
+def read_adapter_meta(directory: str | Path) -> AdapterMeta | None:
+    """The adapter's lorakit.json: None when absent (a PEFT-made adapter); one-line error when damaged.
 
-    A damaged file is never read as {}: that would load a QLoRA adapter onto an unquantized base.
+    A damaged file is never read as absent: that would load a QLoRA adapter onto an unquantized base.
     """
     path = Path(directory) / LORAKIT_META
     if not path.exists():
-        return {}
+        return None
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
         raise LorakitError(f"{path} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
                            "the adapter's metadata is damaged: restore it from the run's checkpoints/ or "
                            "delete it to treat the adapter as a plain PEFT adapter") from err
-    if not isinstance(meta, dict):
-        raise LorakitError(f"{path} holds {type(meta).__name__}, not a JSON object; the adapter's metadata is damaged")
-    for key, types in _META_TYPES.items():
-        if meta.get(key) is not None and not isinstance(meta[key], types):
-            raise LorakitError(f"{path}: {key} is {meta[key]!r}, expected {types[0].__name__}; the metadata is damaged")
-    q = meta.get("quantization")
-    if q is not None and q.get("method") not in ("nf4", "int8"):
-        raise LorakitError(f"{path}: quantization.method is {q.get('method')!r}, expected nf4 or int8; "
-                           "the metadata is damaged")
-    if q is not None and q.get("method") == "nf4" and q.get("blocksize", 64) not in (32, 64, 128, 256):
-        raise LorakitError(f"{path}: quantization.blocksize is {q.get('blocksize')!r}, expected 32, 64, 128 or 256")
-    return meta
+    return AdapterMeta.from_dict(data, path)
+
+
+def write_adapter_meta(directory: Path, meta: AdapterMeta) -> None:
+    atomic_write_text(directory / LORAKIT_META, json.dumps(meta.to_dict(), indent=2, default=str) + "\n")
 
 
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from lorakit.adapters.state import (
     PEFT_PREFIX,
     _modules_in,
     _pattern_value,
+    AdapterMeta,
     read_adapter_config,
     read_adapter_meta,
     read_adapter_weights,
@@ -49,7 +50,7 @@ class AdapterRef:
     path: Path
     weight: float = 1.0
     config: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: AdapterMeta = field(default_factory=AdapterMeta)  # empty for a PEFT-made adapter
 
 
 @dataclass
@@ -83,7 +84,7 @@ def parse_adapter_arg(text: str) -> AdapterRef:
 
 def read_adapter(ref: AdapterRef) -> AdapterRef:
     ref.config = read_adapter_config(ref.path)
-    ref.meta = read_adapter_meta(ref.path)
+    ref.meta = read_adapter_meta(ref.path) or AdapterMeta()
     return ref
 
 
@@ -232,7 +233,6 @@ def merge(
     """Merge `adapters` into `model` (default: the adapters' recorded base) and write `out`."""
     from lorakit.io import atomic_dir
     from lorakit.models.load import load_model
-    from lorakit.models.quantized import QuantSpec
 
     out = Path(out)
     if dtype not in DTYPES:
@@ -249,14 +249,11 @@ def merge(
         if len(bases) != 1:
             raise LorakitError("the adapters do not record one base model; pass --model")
         model = bases.pop()
-    quant = {json.dumps(ref.meta.get("quantization"), sort_keys=True) for ref in refs if ref.meta.get("quantization")}
-    if len(quant) > 1:
+    quantized = [ref.meta for ref in refs if ref.meta.quantization]
+    if len({json.dumps(meta.quantization, sort_keys=True) for meta in quantized}) > 1:
         raise LorakitError("the adapters were trained on differently quantized bases; merge them one at a time")
-    spec = None
-    if quant:
-        q = json.loads(quant.pop())
-        # the base exactly as in training (same quantization), computed in fp32 for the reference
-        spec = QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), torch.float32)
+    # the base exactly as in training (same quantization), computed in fp32 for the reference
+    spec = quantized[0].quant_spec(torch.float32) if quantized else None
     loaded = load_model(model, "fp32", trust_remote_code=trust_remote_code, quantization=spec)
     net, tokenizer = loaded.model, loaded.tokenizer
     dequantized = dequantize_all(net, torch.float32) if spec is not None else 0
@@ -305,7 +302,7 @@ def merge_record(result: MergeResult) -> dict[str, Any]:
         "lorakit_version": __version__,
         "base_model": result.base_model,
         "adapters": [{"path": str(a.path), "weight": a.weight, "r": a.config.get("r"),
-                      "lora_alpha": a.config.get("lora_alpha"), "quantization": a.meta.get("quantization")}
+                      "lora_alpha": a.config.get("lora_alpha"), "quantization": a.meta.quantization}
                      for a in result.adapters],
         "alpha_override": result.alpha,
         "scale": result.scale,
@@ -335,7 +332,7 @@ def model_card(result: MergeResult) -> str:
         "|---|---:|---:|---:|---|",
     ]
     for a in result.adapters:
-        q = a.meta.get("quantization")
+        q = a.meta.quantization
         qtext = f"{q['method']} (dequantized to fp32 before merging)" if q else "none"
         lines.append(f"| `{a.path}` | {a.config.get('r')} | {a.config.get('lora_alpha')} | {a.weight:g} | {qtext} |")
     alpha = f"alpha overridden to {result.alpha:g}; " if result.alpha is not None else ""
