@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -19,33 +18,17 @@ from torch import nn
 
 from lorakit.adapters.lora import Init, LoRALinear, merged_weight
 from lorakit.errors import LorakitError
-from lorakit.quant.linear import QuantizedLinear, is_linear
+from lorakit.models import layers
+from lorakit.models.layers import describe_linear_names, output_head_names
+from lorakit.quant.linear import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """Module paths of the output head (lm_head), which "all-linear" leaves alone."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return set()
-    return {name for name, module in model.named_modules() if module is head}
-
-
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Paths of the layers LoRA can target (already-wrapped layers by their wrapper's path)."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            names.append(name)
-        elif is_linear(module) and not name.endswith(".base_layer") and not _inside_lora(name):
-            names.append(name)
-    return names
-
-
-def _inside_lora(name: str) -> bool:
-    return ".lora_A" in name or ".lora_B" in name or name.endswith(("lora_A", "lora_B"))
+    return layers.linear_layer_names(model, wrapper=LoRALinear)
 
 
 def is_regex(target: str) -> bool:
@@ -81,12 +64,6 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
             f"{describe_linear_names(candidates)} (or use all-linear)"
         )
     return chosen
-
-
-def describe_linear_names(names: list[str]) -> str:
-    """Compact list of leaf names with counts, e.g. 'q_proj (30), lm_head (1)'."""
-    counts = Counter(n.rsplit(".", 1)[-1] for n in names)
-    return ", ".join(f"{leaf} ({n})" for leaf, n in counts.items())
 
 
 def inject_lora(

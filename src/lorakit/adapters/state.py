@@ -296,12 +296,12 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a path suffix by regex."""
-    for pattern, value in patterns.items():
+def layer_alpha(config: dict[str, Any], name: str) -> float:
+    """The adapter's alpha for layer `name`: PEFT's alpha_pattern (a key matches a path suffix by regex), else lora_alpha."""
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
+            return float(value)
+    return float(config.get("lora_alpha", 8))
 
 
 def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = False) -> AdapterInfo:
@@ -309,7 +309,7 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
-    modules = _modules_in(weights, directory)
+    modules = adapted_modules(weights, directory)
     present = set(linear_layer_names(model))
     missing = [m for m in modules if m not in present]
     if missing:
@@ -318,19 +318,17 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
             f"adapter {directory} adapts {len(missing)} module(s) this model does not have "
             f"(e.g. {missing[0]}); it was trained on base model {base}: load it on that model"
         )
-    alpha = float(config.get("lora_alpha", 8))
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0)) if trainable else 0.0
     for name in modules:
         a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"]
         b = weights[f"{PEFT_PREFIX}{name}.lora_B.weight"]
         r = int(a.shape[0])
-        layer_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, alpha))
         existing = model.get_submodule(name)
         if isinstance(existing, LoRALinear):
             layer = existing
         else:
-            layer = LoRALinear(existing, r, layer_alpha, dropout, use_rslora)
+            layer = LoRALinear(existing, r, layer_alpha(config, name), dropout, use_rslora)
             wrap_layer(model, name, layer)
         expect_a = (layer.r, layer.in_features)
         expect_b = (layer.out_features, layer.r)
@@ -350,7 +348,8 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     return adapter_info(directory, config, weights)
 
 
-def _modules_in(weights: dict[str, torch.Tensor], directory: Path) -> list[str]:
+def adapted_modules(weights: dict[str, torch.Tensor], directory: Path) -> list[str]:
+    """The module paths an adapter's weights adapt (each with lora_A and lora_B); anything else is refused."""
     modules, unknown = [], []
     for key in weights:
         if key.startswith(PEFT_PREFIX) and key.endswith(".lora_A.weight"):
@@ -388,7 +387,7 @@ def adapter_info(
         dropout=float(config.get("lora_dropout", 0.0)),
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=config.get("target_modules") or [],
-        modules=_modules_in(weights, directory),
+        modules=adapted_modules(weights, directory),
         num_params=sum(t.numel() for t in weights.values()),
         file_bytes=file_bytes,
         meta=meta,

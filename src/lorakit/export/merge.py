@@ -30,8 +30,8 @@ from torch import nn
 from lorakit.adapters.lora import LoRAFactor, lora_scaling, merged_weight
 from lorakit.adapters.state import (
     PEFT_PREFIX,
-    _modules_in,
-    _pattern_value,
+    adapted_modules,
+    layer_alpha,
     AdapterMeta,
     read_adapter_config,
     read_adapter_meta,
@@ -93,15 +93,13 @@ def adapter_factors(ref: AdapterRef, alpha: float | None = None, scale: float = 
     config = ref.config or read_adapter_config(ref.path)
     weights = read_adapter_weights(ref.path)
     use_rslora = bool(config.get("use_rslora", False))
-    base_alpha = float(config.get("lora_alpha", 8))
     factors = []
-    for name in _modules_in(weights, ref.path):
+    for name in adapted_modules(weights, ref.path):
         a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"].float()
         b = weights[f"{PEFT_PREFIX}{name}.lora_B.weight"].float()
         r = int(a.shape[0])
-        layer_alpha = alpha if alpha is not None else float(_pattern_value(config.get("alpha_pattern") or {}, name,
-                                                                              base_alpha))
-        scaling = lora_scaling(layer_alpha, r, use_rslora) * scale * ref.weight  # times the merge scale and weight
+        layer_a = layer_alpha(config, name) if alpha is None else alpha
+        scaling = lora_scaling(layer_a, r, use_rslora) * scale * ref.weight  # times the merge scale and weight
         factors.append(LoRAFactor(a, b, scaling, adapter=str(ref.path), module=name))
     return factors
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit.adapters.inject import describe_linear_names, linear_layer_names, output_head_names
+from lorakit.models.layers import describe_linear_names, linear_layer_names, output_head_names
 from lorakit.models.load import load_config
 
 
