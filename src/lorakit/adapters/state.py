@@ -27,8 +27,8 @@ from torch import nn
 from lorakit.adapters.inject import freeze_base, linear_layer_names, lora_layers, wrap_layer
 from lorakit.adapters.lora import LoRALinear
 from lorakit.errors import LorakitError
-from lorakit.models.quantized import QuantSpec
 from lorakit.io import atomic_dir, atomic_write_text
+from lorakit.models.quantized import QuantSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -203,6 +203,9 @@ def _config_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
+_META_TYPES: dict[str, type] = {"max_length": int, "quantization": dict}  # AdapterMeta's other fields are strings
+
+
 @dataclass
 class AdapterMeta:
     """lorakit.json: what reloading an adapter needs beside PEFT's files (its base, template, quantized base).
@@ -228,7 +231,7 @@ class AdapterMeta:
             raise LorakitError(f"{path} holds {type(data).__name__}, not a JSON object; the adapter's metadata is damaged")
         names = [f.name for f in fields(cls) if f.name != "extra"]
         for key in names:
-            want = int if key == "max_length" else dict if key == "quantization" else str
+            want = _META_TYPES.get(key, str)
             if data.get(key) is not None and not isinstance(data[key], want):
                 raise LorakitError(f"{path}: {key} is {data[key]!r}, expected {want.__name__}; the metadata is damaged")
         q = data.get("quantization")
