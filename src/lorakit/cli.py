@@ -131,19 +131,20 @@ def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-form
     from rich.text import Text
 
     from lorakit.adapters import adapter_info
+    from lorakit.adapters.lora import lora_scaling
 
     ai = adapter_info(directory)
     console = _console()
     console.print(Text(f"{ai.path}", style="bold"))
     console.print(f"base model     {ai.base_model or 'unknown'}", markup=False)
-    scaling = ai.alpha / (ai.r**0.5 if ai.use_rslora else ai.r)
+    scaling = lora_scaling(ai.alpha, ai.r, ai.use_rslora)
     console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
     console.print(f"dropout        {ai.dropout:g}")
     console.print(f"targets        {ai.target_modules}", markup=False)
     console.print(f"modules        {len(ai.modules)} adapted layers")
     console.print(f"parameters     {ai.num_params:,}")
     console.print(f"files          {human_bytes(ai.file_bytes)}")
-    for key, value in ai.meta.items():
+    for key, value in (ai.meta.to_dict() if ai.meta else {}).items():
         if not isinstance(value, (dict, list)):
             console.print(f"{key:<14} {value}", markup=False)
 

@@ -120,7 +120,6 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     from lorakit.eval.generate import GenerationSettings, load_for_inference
     from lorakit.eval.report import write_report
     from lorakit.io import atomic_write_text
-    from lorakit.models.load import DTYPES, resolve_dtype
     from lorakit.train.loop import train
 
     console = Console()
@@ -175,24 +174,31 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     report = write({})  # the evaluation is kept whatever the merge does
     print_summary(console, comparison)
     if merge:
-        from lorakit.export.merge import AdapterRef, merge as merge_adapters
-
-        # In the dtype the adapter was trained and evaluated in: a bf16 copy of an fp32-trained
-        # model is another model (on this demo, logits up to 2.1 apart, top-1 agreement 95.8%).
-        dtype = next(name for name, t in DTYPES.items() if t == resolve_dtype(cfg.model.dtype))
-        console.rule("merge")
-        try:
-            merged = merge_adapters([AdapterRef(run_dir / "adapter")], run_dir / "merged", cfg.model.name, dtype=dtype)
-        except LorakitError as err:
-            raise LorakitError(f"merge failed: {err} (the evaluation is in {run_dir / 'compare.json'})") from None
-        v = merged.verification
-        if v is not None:
-            console.print(f"merged into {run_dir / 'merged'} ({dtype}): max |logit diff| vs adapter {v.max_abs_diff:.3g}, "
-                          f"top-1 agreement {100 * v.top1_agreement:.1f}%")
-        report = write({"merged": str(run_dir / "merged"), "merge_dtype": dtype})
+        report = write(merge_run(cfg, run_dir, console))
     elapsed = time.perf_counter() - started
     console.print(f"wrote {run_dir / 'compare.json'}, {report}; whole demo {elapsed / 60:.1f} min", markup=False)
     return comparison
+
+
+def merge_run(cfg: Any, run_dir: Path, console: Any) -> dict[str, Any]:
+    """The demo's verified merge of run_dir/adapter into run_dir/merged; returns what compare.json records of it."""
+    from lorakit.dtypes import DTYPES
+    from lorakit.export.merge import AdapterRef, merge as merge_adapters
+    from lorakit.models.load import resolve_dtype
+
+    # In the dtype the adapter was trained and evaluated in: a bf16 copy of an fp32-trained
+    # model is another model (on this demo, logits up to 2.1 apart, top-1 agreement 95.8%).
+    dtype = next(name for name, t in DTYPES.items() if t == resolve_dtype(cfg.model.dtype))
+    console.rule("merge")
+    try:
+        merged = merge_adapters([AdapterRef(run_dir / "adapter")], run_dir / "merged", cfg.model.name, dtype=dtype)
+    except LorakitError as err:
+        raise LorakitError(f"merge failed: {err} (the evaluation is in {run_dir / 'compare.json'})") from None
+    v = merged.verification
+    if v is not None:
+        console.print(f"merged into {run_dir / 'merged'} ({dtype}): max |logit diff| vs adapter {v.max_abs_diff:.3g}, "
+                      f"top-1 agreement {100 * v.top1_agreement:.1f}%")
+    return {"merged": str(run_dir / "merged"), "merge_dtype": dtype}
 
 
 def print_summary(console: Any, comparison: dict[str, Any], samples: int = 3) -> None:

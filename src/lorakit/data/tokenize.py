@@ -21,7 +21,7 @@ import numpy as np
 from lorakit.data.templates import Rendered
 from lorakit.errors import DataError
 
-IGNORE = -100
+IGNORE = -100  # the label of a position not trained (cross_entropy's ignore_index); the one definition
 _CHUNK = 512  # texts per tokenizer call: the Rust tokenizer parallelises within a call
 
 

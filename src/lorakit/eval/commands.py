@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from lorakit.adapters.inject import scale_lora
 from rich.text import Text
@@ -19,6 +19,9 @@ from lorakit.eval.generate import GenerationSettings, InferenceModel, load_for_i
 from lorakit.eval.metrics import DEFAULT_REFUSAL, RefusalMatcher, check_metrics
 from lorakit.eval.runner import EvalSet, load_eval_set
 from lorakit.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from lorakit.adapters.state import AdapterMeta
 
 
 @dataclass
@@ -107,20 +110,20 @@ def generation_progress(console: Any, total: int, label: str) -> Iterator[Any]:
         yield lambda n: bar.advance(task, n)
 
 
-def _load(model: str | None, adapter: Path | None, opts: EvalOptions, like: dict[str, Any] | None = None
+def _load(model: str | None, adapter: Path | None, opts: EvalOptions, like: AdapterMeta | None = None
           ) -> InferenceModel:
     """`like`: the template and system prompt to ask in (a base model is asked as its adapter was trained)."""
     im = load_for_inference(model, adapter, opts.dtype, trust_remote_code=opts.trust_remote_code)
-    if like:
-        im.template = like.get("template") or im.template
-        im.system_prompt = like.get("system_prompt", im.system_prompt)
+    if like is not None:
+        im.template = like.template or im.template
+        im.system_prompt = like.system_prompt if like.system_prompt is not None else im.system_prompt
     if opts.system is not None:
         im.system_prompt = opts.system
     return im
 
 
 def _evaluate(model: str | None, adapter: Path | None, label: str, sets: list[EvalSet], opts: EvalOptions,
-              text: str | None, console: Any, like: dict[str, Any] | None = None) -> ModelResult:
+              text: str | None, console: Any, like: AdapterMeta | None = None) -> ModelResult:
     return _run(_load(model, adapter, opts, like), label, sets, opts, text, console)
 
 
@@ -223,8 +226,8 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
     return comparison
 
 
-def adapter_meta(adapter: Path) -> dict[str, Any]:
-    """The adapter's lorakit.json (template, system prompt, quantization), or {} for a PEFT-made adapter."""
+def adapter_meta(adapter: Path) -> AdapterMeta | None:
+    """The adapter's lorakit.json (template, system prompt, quantization), or None for a PEFT-made adapter."""
     from lorakit.adapters.state import read_adapter_meta
 
     return read_adapter_meta(adapter)

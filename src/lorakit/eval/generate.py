@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear
 
 Message = dict[str, str]
 
@@ -63,20 +64,15 @@ def load_for_inference(
     The adapter's lorakit.json supplies the template and system prompt used in training.
     """
     from lorakit.adapters import load_adapter
-    from lorakit.adapters.state import read_adapter_config, read_adapter_meta
+    from lorakit.adapters.state import AdapterMeta, read_adapter_config, read_adapter_meta
     from lorakit.models.load import load_model
-    from lorakit.models.quantized import QuantSpec
 
-    meta: dict[str, Any] = {}
-    spec = None
+    meta = AdapterMeta()
     if adapter is not None:
         config = read_adapter_config(adapter)
-        meta = read_adapter_meta(adapter)
+        meta = read_adapter_meta(adapter) or meta
         model = model or config.get("base_model_name_or_path")
-        q = meta.get("quantization")
-        if q:
-            compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(q.get("compute_dtype"), torch.float32)
-            spec = QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), compute)
+    spec = meta.quant_spec()  # the quantized base it was trained on, in its compute dtype
     if not model:
         raise LorakitError("give --model (the adapter does not record its base model)")
     loaded = load_model(model, dtype, device, trust_remote_code, quantization=spec)
@@ -84,8 +80,8 @@ def load_for_inference(
         load_adapter(loaded.model, adapter)
         _merge_if_exact(loaded.model)
     loaded.model.eval()
-    template = meta.get("template") or "auto"
-    return InferenceModel(loaded.model, loaded.tokenizer, template, meta.get("system_prompt"), model,
+    template = meta.template or "auto"
+    return InferenceModel(loaded.model, loaded.tokenizer, template, meta.system_prompt, model,
                           None if adapter is None else str(adapter))
 
 
@@ -100,7 +96,7 @@ def _merge_if_exact(model: nn.Module) -> None:
     from lorakit.adapters.inject import lora_layers, merge_lora
 
     layers = [layer for _, layer in lora_layers(model)]
-    if layers and all(not hasattr(l.base_layer, "dequantized_weight")
+    if layers and all(not isinstance(l.base_layer, QuantizedLinear)
                       and getattr(l.base_layer, "weight", None) is not None
                       and l.base_layer.weight.dtype == torch.float32 for l in layers):
         merge_lora(model)

@@ -231,7 +231,6 @@ def export_gguf(model_name: str | None, out: str | Path, adapter: str | Path | N
     """`lorakit export gguf`: base (+ adapter merged in fp32) -> one GGUF file."""
     from lorakit.export.merge import AdapterRef, adapter_factors, dequantize_all, merge_factors, probe_batch, read_adapter
     from lorakit.models.load import load_model
-    from lorakit.models.quantized import QuantSpec
 
     out = Path(out)
     if kind not in TYPES:
@@ -247,10 +246,7 @@ def export_gguf(model_name: str | None, out: str | Path, adapter: str | Path | N
         model_name = ref.config.get("base_model_name_or_path") if ref else None
         if not model_name:
             raise LorakitError("give --model (the adapter does not record its base model)")
-    spec = None
-    if ref is not None and ref.meta.get("quantization"):
-        q = ref.meta["quantization"]
-        spec = QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), torch.float32)
+    spec = ref.meta.quant_spec(torch.float32) if ref is not None else None  # the training base, in fp32
     loaded = load_model(model_name, "fp32", trust_remote_code=trust_remote_code, quantization=spec)
     model, tokenizer = loaded.model, loaded.tokenizer
     check_exportable(model)

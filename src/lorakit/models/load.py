@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.dtypes import DTYPES
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir
 from lorakit.models.resolve import ModelSource, resolve_model
 
 CACHE_VERSION = 1
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

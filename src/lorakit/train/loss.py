@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from lorakit.data.tokenize import IGNORE
+
 CHUNK = 1024  # rows of hidden states per head application
 
 
