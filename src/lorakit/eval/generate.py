@@ -65,7 +65,6 @@ def load_for_inference(
     from lorakit.adapters import load_adapter
     from lorakit.adapters.state import read_adapter_config, read_adapter_meta
     from lorakit.models.load import load_model
-    from lorakit.models.quantized import QuantSpec
 
     meta: dict[str, Any] = {}
     spec = None
@@ -73,10 +72,7 @@ def load_for_inference(
         config = read_adapter_config(adapter)
         meta = read_adapter_meta(adapter)
         model = model or config.get("base_model_name_or_path")
-        q = meta.get("quantization")
-        if q:
-            compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(q.get("compute_dtype"), torch.float32)
-            spec = QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), compute)
+        spec = adapter_quant_spec(meta)
     if not model:
         raise LorakitError("give --model (the adapter does not record its base model)")
     loaded = load_model(model, dtype, device, trust_remote_code, quantization=spec)
@@ -87,6 +83,17 @@ def load_for_inference(
     template = meta.get("template") or "auto"
     return InferenceModel(loaded.model, loaded.tokenizer, template, meta.get("system_prompt"), model,
                           None if adapter is None else str(adapter))
+
+
+def adapter_quant_spec(meta: dict[str, Any]) -> Any:
+    """The QuantSpec of the base an adapter was trained on (its lorakit.json), or None for a plain base."""
+    from lorakit.models.quantized import QuantSpec
+
+    q = meta.get("quantization")
+    if not q:
+        return None
+    compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(q.get("compute_dtype"), torch.float32)
+    return QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), compute)
 
 
 def _merge_if_exact(model: nn.Module) -> None:
