@@ -169,3 +169,31 @@ def test_a_client_that_goes_away_frees_its_row(live: Live) -> None:
     assert httpx.get(live.url + "/health").json()["batch_size"] == 0
     text = httpx.get(live.url + "/metrics", headers=headers).text
     assert 'lorakit_requests_total{model="beta",status="499"} 1' in text
+
+
+def test_a_full_queue_answers_429_and_a_slow_request_504(served) -> None:
+    """In-process (httpx's ASGI transport) with the scheduler not started, so requests stay queued."""
+    import asyncio
+
+    from lorakit.config import ServeConfig
+    from lorakit.eval.generate import GenerationSettings
+    from lorakit.serve.app import create_app
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.metrics import Metrics
+    from lorakit.serve.scheduler import Request
+
+    engine = Engine(str(served.model), [], ServeConfig(max_batch=1, max_queue=2, request_timeout_s=0.3), "fp32")
+    app = create_app(engine, Metrics())
+    body = {"model": str(served.model), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
+            slow = await client.post("/v1/chat/completions", json=body)  # queued, never run: times out
+            engine.scheduler.submit(Request([1], -1, frozenset(), GenerationSettings(), lambda e: None))
+            full = await client.post("/v1/chat/completions", json=body)  # two queued already: the queue is full
+            return slow, full
+
+    slow, full = asyncio.run(go())
+    assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+    assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    assert full.json()["error"]["type"] == "rate_limit_error"
