@@ -122,7 +122,7 @@ def create_app(engine: Engine, metrics: Metrics, api_key: str | None = None) -> 
                            f"context of {engine.max_positions} tokens", param="max_tokens",
                            code="context_length_exceeded")
 
-    def submit(served: ServedModel, ids: list[int], s: GenerationSettings, strip: bool
+    def submit(served: ServedModel, ids: list[int], s: GenerationSettings, strip: bool, eos: frozenset[int]
                ) -> tuple[Request, asyncio.Queue[Event]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -131,7 +131,7 @@ def create_app(engine: Engine, metrics: Metrics, api_key: str | None = None) -> 
             with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        req = Request(ids, served.slot, served.eos, s, sink, strip=strip)
+        req = Request(ids, served.slot, eos, s, sink, strip=strip)
         try:
             engine.scheduler.submit(req)
         except QueueFull:
@@ -171,7 +171,10 @@ def create_app(engine: Engine, metrics: Metrics, api_key: str | None = None) -> 
             else:
                 ids = engine.text_ids(_prompt(body.get("prompt")))
             check_prompt(ids, s, "messages" if chat else "prompt")
-            req, queue = submit(served, ids, s, strip=chat)
+            ignore_eos = body.get("ignore_eos", False)  # vLLM's extra parameter: exactly max_tokens (benchmarks)
+            if not isinstance(ignore_eos, bool):
+                raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", param="ignore_eos")
+            req, queue = submit(served, ids, s, strip=chat, eos=frozenset() if ignore_eos else served.eos)
         except APIError as err:
             metrics.request(model_id, err.status)
             return err.response()

@@ -6,10 +6,10 @@ adapter (keyed by the adapter's slot). Before a forward the scheduler says which
 row uses (`RowAdapters.set`, -1 = base); each layer then computes
 
     y = W x                                   for every row (one GEMM over the batch)
-    y[rows of a] += (x[rows of a] A_a^T B_a^T) * scaling_a     for each adapter a in the batch
+    y[rows of a] += x[rows of a] A_a^T (scaling_a B_a)^T      for each adapter a in the batch
 
-so a row's update is exactly LoRALinear's unmerged inference formula applied to its own rows,
-whatever else shares the batch, and a batch of base rows costs nothing extra. Grouping rows
+in fp32 like LoRALinear's unmerged path (the scaling folded into B once at load), applied to
+each row's own input whatever else shares the batch; a batch of base rows costs nothing extra. Grouping rows
 by adapter keeps the extra work at each adapter's own rank (no padded rank, no gathered
 per-row weight copies).
 """
@@ -54,19 +54,21 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features, _ = linear_dims(base_layer)
         self.rows = rows
-        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # slot -> A (r, in), B (out, r), scaling
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> A (r, in), B * scaling (out, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, in)
-        y = self.base_layer(x)  # (B, T, out)
+        y = self.base_layer(x)  # (B, T, out), a fresh tensor: updated in place below (inference only)
         for slot, index in self.rows.groups:
             factor = self.factors.get(slot)
             if factor is None:
                 continue
-            a, b, scaling = factor
+            a, b = factor
             xs = x if index is None else x.index_select(0, index)  # (b, T, in)
-            delta = F.linear(F.linear(xs.to(a.dtype), a), b)  # (b, T, out), as LoRALinear computes it
-            delta = (delta * scaling).to(y.dtype)
-            y = y + delta if index is None else y.index_add(0, index, delta)
+            delta = F.linear(F.linear(xs.to(a.dtype), a), b).to(y.dtype)  # (b, T, out), fp32 as LoRALinear's
+            if index is None:
+                y.add_(delta)
+            else:
+                y.index_add_(0, index, delta)
         return y
 
     def extra_repr(self) -> str:
@@ -135,7 +137,7 @@ class AdapterBank:
             if not isinstance(module, MultiLoRALinear):
                 module = MultiLoRALinear(module, self.rows)
                 wrap_layer(self.model, f.module, module)
-            module.factors[served.slot] = (f.A, f.B, float(f.scaling))
+            module.factors[served.slot] = (f.A, f.B * float(f.scaling))  # the scaling folded in once, in fp32
         self.adapters[served.name] = served
         return served
 
