@@ -10,6 +10,8 @@ chat completions of fixed prompts with exactly --new-tokens tokens each (tempera
     (b) --clients concurrent clients, --requests requests in all, base model only
     (c) the same, requests spread round-robin over the 4 adapters and the base
 
+(b) and (c) alternate --repeats times (this shared machine's speed drifts); the ratios use medians.
+
 Reported per scenario: output tokens/s (all completion tokens / wall time), p50/p95 latency and
 time to first token. Targets (issue 19): (b) >= 3x (a); (c) >= 0.85x (b).
 
@@ -168,6 +170,7 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=8, help="requests in scenario (a)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating (b), (c) runs")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -180,12 +183,13 @@ def main() -> None:
         try:
             asyncio.run(scenario(url, [args.model], 2, 1, 8))  # warm-up
             asyncio.run(scenario(url, [args.model] + [n for n, _ in adapters], 5, 5, 8))
-            rows = {
-                "a": asyncio.run(scenario(url, [args.model], args.sequential, 1, args.new_tokens)),
-                "b": asyncio.run(scenario(url, [args.model], args.requests, args.clients, args.new_tokens)),
-                "c": asyncio.run(scenario(url, [args.model] + [n for n, _ in adapters], args.requests, args.clients,
-                                          args.new_tokens)),
-            }
+            runs: list[tuple[str, dict]] = [("a", asyncio.run(scenario(url, [args.model], args.sequential, 1,
+                                                                      args.new_tokens)))]
+            for _ in range(args.repeats):  # (b) and (c) alternate: this shared machine's speed drifts
+                runs.append(("b", asyncio.run(scenario(url, [args.model], args.requests, args.clients,
+                                                       args.new_tokens))))
+                runs.append(("c", asyncio.run(scenario(url, [args.model] + [n for n, _ in adapters], args.requests,
+                                                       args.clients, args.new_tokens))))
         finally:
             proc.terminate()
             code = proc.wait(timeout=60)
@@ -201,12 +205,15 @@ def main() -> None:
              f"server exit code after SIGTERM: {code}", "",
              "| scenario | requests | tokens | wall s | output tok/s | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for key, r in rows.items():
-        lines.append(f"| {labels[key]} | {r['requests']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} | "
+    for i, (key, r) in enumerate(runs):
+        lines.append(f"| {labels[key]}{f' #{(i + 1) // 2}' if key != 'a' and args.repeats > 1 else ''} | "
+                     f"{r['requests']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} | "
                      f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |")
-    b_over_a = rows["b"]["tok_s"] / rows["a"]["tok_s"]
-    c_over_b = rows["c"]["tok_s"] / rows["b"]["tok_s"]
-    lines += ["", f"(b) / (a) = **{b_over_a:.2f}x** (target >= 3x); (c) / (b) = **{c_over_b:.2f}x** (target >= 0.85x)"]
+    speed = {k: statistics.median(r["tok_s"] for key, r in runs if key == k) for k in "abc"}
+    pairs = [runs[i + 1][1]["tok_s"] / runs[i][1]["tok_s"] for i in range(1, len(runs), 2)]  # (c) / (b) in turn
+    lines += ["", f"(b) / (a) = **{speed['b'] / speed['a']:.2f}x** (target >= 3x); (c) / (b) = "
+              f"**{speed['c'] / speed['b']:.2f}x** (target >= 0.85x); medians of {args.repeats} alternating runs, "
+              f"(c) / (b) per pair: {', '.join(f'{p:.2f}' for p in pairs)}"]
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or ROOT / "bench" / "results" / f"serve_load-{args.dtype}.md"

@@ -112,3 +112,39 @@ def test_cancelled_rows_leave_and_a_full_queue_refuses(served: Served) -> None:
         assert eng.scheduler.batch_size == 0 and eng.scheduler.queue_depth == 0
     finally:
         eng.scheduler.shutdown(1.0)
+
+
+def test_a_qlora_adapter_is_served_on_its_quantized_base(served: Served, tmp_path) -> None:
+    import torch
+
+    from lorakit.adapters import inject_lora
+    from lorakit.adapters.inject import lora_layers
+    from lorakit.adapters.state import save_adapter
+    from lorakit.errors import LorakitError
+    from lorakit.models.load import load_model
+    from lorakit.models.quantized import QuantSpec
+
+    loaded = load_model(str(served.model), "fp32", with_tokenizer=False,
+                        quantization=QuantSpec("nf4", 64, True, torch.float32))
+    torch.manual_seed(5)
+    inject_lora(loaded.model, ["all-linear"], r=4, alpha=8)
+    with torch.no_grad():
+        for _, layer in lora_layers(loaded.model):
+            layer.lora_B.weight.normal_(0, 0.3)
+    qlora = save_adapter(loaded.model, tmp_path / "qlora", str(served.model),
+                         {"template": "auto", "quantization": loaded.quantization})
+    eng = Engine(None, [("q", qlora)], ServeConfig(max_batch=4), "fp32")  # the base recorded by the adapter
+    assert any(hasattr(m, "dequantized_weight") for m in eng.model.modules())  # NF4, as it was trained
+    eng.scheduler.start()
+    try:
+        im = load_for_inference(None, qlora, "fp32")  # `lorakit generate --adapter`: unmerged on NF4
+        settings = GenerationSettings(max_new_tokens=12)
+        expected = generate(im, PROMPTS[:4], settings, batch_size=1)
+        sinks = [submit(eng, "q", p, settings) for p in PROMPTS[:4]] + [submit(eng, str(served.model), "hi", settings)]
+        for sink in sinks:
+            assert sink.done.wait(30)
+        assert [s.text for s in sinks[:4]] == expected
+    finally:
+        eng.scheduler.shutdown(1.0)
+    with pytest.raises(LorakitError, match="differently quantized"):
+        Engine(str(served.model), [("q", qlora), ("alpha", served.adapters["alpha"])], ServeConfig(), "fp32")

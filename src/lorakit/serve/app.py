@@ -184,8 +184,8 @@ def create_app(engine: Engine, metrics: Metrics, api_key: str | None = None) -> 
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": served.id}
         if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(
-                body.get("stream_options"), (dict, type(None))) else False
+            options = body.get("stream_options") or {}
+            usage = isinstance(options, dict) and bool(options.get("include_usage"))
             return StreamingResponse(stream(req, queue, meta, chat, usage, started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         pieces: list[str] = []

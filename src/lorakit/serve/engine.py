@@ -74,6 +74,7 @@ class Engine:
         loaded = load_model(model, dtype, device, trust_remote_code, quantization=self.quant)
         self.model, self.tokenizer = loaded.model.eval(), loaded.tokenizer
         self.model.requires_grad_(False)
+        _check_cache(self.model, model)
         self.base_id = model
         self.bank = AdapterBank(self.model)
         self.models: dict[str, ServedModel] = {}
@@ -137,3 +138,15 @@ class Engine:
                 raise RuntimeError(f"adapter {name} has {busy} request(s) in flight; unload it when they are done")
             self.bank.remove(name)
             del self.models[name]
+
+
+def _check_cache(model: Any, name: str) -> None:
+    """The scheduler joins and cuts KV caches along the batch and sequence: plain full-attention layers only."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(DynamicCache(config=model.config), "layers", [])
+    if any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise LorakitError(f"{name}: its KV cache has {', '.join(kinds)} layers (sliding window or recurrent); "
+                           "lorakit serve batches models with full attention only")
