@@ -198,7 +198,7 @@ def main() -> None:
     labels = {"a": "(a) one at a time, base", "b": f"(b) {args.clients} concurrent, base only",
               "c": f"(c) {args.clients} concurrent, {args.adapters} adapters + base"}
     lines = [f"# serve_load: {args.model}, {args.dtype}", "",
-             f"command: `python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
+             f"command: `{' '.join(['python', 'bench/' + Path(__file__).name, *sys.argv[1:]])}`", "",
              f"CPU: {cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}; "
              f"adapters: {args.adapters} x LoRA r={args.rank} all-linear, random-init (B ~ N(0, 1e-3)); "
              f"{args.new_tokens} new tokens per request (ignore_eos), max batch {args.max_batch}; "

@@ -201,7 +201,7 @@ def main() -> None:
         "no traceback in the server log": "Traceback" not in server_log,
     }
     lines = [f"# serve_soak: {args.model}, {args.dtype}", "",
-             f"command: `python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
+             f"command: `{' '.join(['python', 'bench/' + Path(__file__).name, *sys.argv[1:]])}`", "",
              f"{args.requests} requests, {args.concurrency} at a time, {result['wall']:.1f} s; "
              f"answers by kind and status: {dict(sorted(result['stats'].items()))}", "",
              f"server RSS after warm-up {warm:.0f} MB, at the end {end:.0f} MB ({growth:+.1%}); "
