@@ -21,7 +21,11 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 
 def test_bad_arguments_are_one_line_errors(served: Served, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("serve:\n  max_batch: 4\n  mx_queue: 3\n")
     cases = [
+        (["--config", str(config), "--model", str(served.model)], "serve.mx_queue: unknown key; did you mean "
+                                                                   "serve.max_queue?"),
         (["--adapter", "handbook"], "expected NAME=DIR"),
         (["--adapter", f"x={tmp_path / 'missing'}"], "adapter directory not found"),
         (["--adapter", f"a={served.adapters['alpha']}", "--adapter", f"a={served.adapters['beta']}"], "given twice"),

@@ -148,3 +148,10 @@ def test_a_qlora_adapter_is_served_on_its_quantized_base(served: Served, tmp_pat
         eng.scheduler.shutdown(1.0)
     with pytest.raises(LorakitError, match="differently quantized"):
         Engine(str(served.model), [("q", qlora), ("alpha", served.adapters["alpha"])], ServeConfig(), "fp32")
+
+
+def test_a_request_for_an_unloaded_adapter_ends_with_an_error(engine: Engine) -> None:
+    sink = Sink()
+    engine.scheduler.submit(Request([5, 6, 7], 999, frozenset(), GenerationSettings(max_new_tokens=4), sink))
+    assert sink.done.wait(10)
+    assert sink.events[-1].kind == "error" and "unloaded" in sink.events[-1].text

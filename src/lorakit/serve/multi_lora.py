@@ -34,6 +34,7 @@ class RowAdapters:
 
     def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.live: set[int] = set()  # slots installed now (AdapterBank keeps it)
 
     def set(self, slots: list[int], device: torch.device | str = "cpu") -> None:
         by_slot: dict[int, list[int]] = {}
@@ -139,6 +140,7 @@ class AdapterBank:
                 wrap_layer(self.model, f.module, module)
             module.factors[served.slot] = (f.A, f.B * float(f.scaling))  # the scaling folded in once, in fp32
         self.adapters[served.name] = served
+        self.rows.live.add(served.slot)
         return served
 
     def add(self, name: str, path: str | Path) -> ServedAdapter:
@@ -148,6 +150,7 @@ class AdapterBank:
         served = self.adapters.pop(name, None)
         if served is None:
             raise LorakitError(f"no adapter named {name} is served")
+        self.rows.live.discard(served.slot)
         for module in self.model.modules():
             if isinstance(module, MultiLoRALinear):
                 module.factors.pop(served.slot, None)

@@ -164,6 +164,9 @@ class Scheduler:
                             joining.append(req)
                 with self.model_lock, torch.no_grad():
                     self._leave()
+                    for req in [r for r in joining if r.slot >= 0 and r.slot not in self.rows.live]:
+                        joining.remove(req)  # its adapter was unloaded while it waited
+                        self._end(req, "error", "its adapter was unloaded")
                     if joining:
                         self._join(joining)
                     if self._batch:
