@@ -33,15 +33,26 @@ RUNS = {
 KEYS = ("loss", "grad_norm", "kl", "eval_loss")
 
 
-def run(name: str, config: str, sets: list[str], tmp: Path) -> list[dict]:
+def run(name: str, config: str, sets: list[str], tmp: Path, threads: int) -> list[dict]:
     out = tmp / name
     cmd = [sys.executable, "-m", "lorakit", "train", str(ROOT / config), "--set", f"output_dir={out}",
            "--set", "train.log_every=1", "--set", "train.save_every=0"]
     for s in sets:
         cmd += ["--set", s]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    # the thread count changes the order of float reductions: both sides must use the same
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{k: r[k] for k in ("step", *KEYS) if k in r} for r in rows]
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def compare(before: dict, after: dict, tol: float) -> list[str]:
@@ -67,12 +78,15 @@ def main() -> int:
     mode.add_argument("--check", type=Path)
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--only", nargs="*", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the runs (--check: the recorded one)")
     args = ap.parse_args()
+    before = json.loads(args.check.read_text()) if args.check else None
+    threads = before.get("threads", 2) if before else args.threads
     os.environ.setdefault("PYTHONHASHSEED", "0")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {n: run(n, *RUNS[n], Path(tmp)) for n in args.only}
-    result = {"commit": commit, "cpu": platform.processor() or platform.machine(), "runs": runs,
+        runs = {n: run(n, *RUNS[n], Path(tmp), threads) for n in args.only}
+    result = {"commit": commit, "cpu": _cpu(), "threads": threads, "runs": runs,
               "command": "python bench/parity_losses.py " + " ".join(sys.argv[1:])}
     if args.record:
         tmp_path = args.record.with_suffix(".tmp")
@@ -80,7 +94,7 @@ def main() -> int:
         tmp_path.replace(args.record)
         print(f"recorded {sum(len(r) for r in runs.values())} rows at {commit} in {args.record}")
         return 0
-    before = json.loads(args.check.read_text())
+    assert before is not None
     before["runs"] = {n: r for n, r in before["runs"].items() if n in args.only}
     problems = compare(before, result, args.tol)
     worst = max((abs(a[k] - b[k]) for n in before["runs"] for a, b in zip(before["runs"][n], runs[n])

@@ -646,6 +646,46 @@ _OOM_HINTS = {
 }
 
 
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        "--adapter", help="NAME=DIR: serve the adapter in DIR as model NAME (repeatable).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML with a serve: section.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000; 0 = any free port).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(
+        "--api-key-env", help="Environment variable holding the API key (Authorization: Bearer).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Rows decoded together.")] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Waiting requests before 429.")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Cap on a request's max_tokens.")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds per request.")] = None,
+    grace: Annotated[Optional[float], typer.Option("--grace", help="Seconds to drain on SIGTERM.")] = None,
+    allow_runtime_adapters: Annotated[Optional[bool], typer.Option(
+        "--allow-runtime-adapters", help="Enable /v1/load_lora_adapter and /v1/unload_lora_adapter.")] = None,
+    adapter_root: Annotated[Optional[Path], typer.Option(
+        "--adapter-root", help="Runtime-loaded adapters must live under this directory.")] = None,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """OpenAI-compatible server: the base model and every adapter, batched together; playground at /."""
+    from lorakit.config import ServeConfig, from_dict, load_config, to_dict
+    from lorakit.serve.engine import parse_adapter_args
+    from lorakit.serve.server import serve as run_server
+
+    base = to_dict(load_config(config).serve) if config is not None else {}
+    given = dict(host=host, port=port, api_key_env=api_key_env, max_batch=max_batch, max_queue=max_queue,
+                 max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, request_timeout_s=timeout, grace_s=grace,
+                 allow_runtime_adapters=allow_runtime_adapters,
+                 adapter_root=None if adapter_root is None else str(adapter_root))
+    cfg = from_dict(ServeConfig, {**base, **{k: v for k, v in given.items() if v is not None}}, "serve.")
+    adapters = parse_adapter_args(adapter or [])
+    if model is None and not adapters:
+        raise LorakitError("give --model M, --adapter NAME=DIR, or both")
+    run_server(cfg, model, adapters, dtype, trust_remote_code=trust_remote_code)
+
+
 def debug_enabled() -> bool:
     """--debug or LORAKIT_DEBUG=1: show full tracebacks instead of one-line errors."""
     return os.environ.get("LORAKIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")

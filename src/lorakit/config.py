@@ -362,6 +362,47 @@ class SynthConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`lorakit serve`: where it listens and the limits each request meets (see lorakit.serve)."""
+
+    host: str = "127.0.0.1"
+    """Loopback by default; 0.0.0.0 exposes the server to the network (set api_key_env then)."""
+    port: int = 8000
+    api_key_env: str | None = None
+    """Name of an environment variable holding the API key; every route but /health then needs
+    `Authorization: Bearer KEY`. The key itself never goes in a config file."""
+    max_batch: int = 32
+    """Rows decoded together; requests beyond it wait in the queue."""
+    max_queue: int = 256
+    """Requests waiting for a row; one more gets 429 with Retry-After."""
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512
+    """Cap on a request's max_tokens (and its default when the request gives none)."""
+    request_timeout_s: float = 300.0
+    grace_s: float = 30.0
+    """On SIGTERM: in-flight requests get this long to finish, then are cancelled; the server exits 0."""
+    allow_runtime_adapters: bool = False
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes); off by default."""
+    adapter_root: str | None = None
+    """Runtime loading reads only adapter directories under this directory."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(("port", f"must be in 0..65535 (0 = any free port), got {self.port}"))
+        for key in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens"):
+            if getattr(self, key) < 1:
+                problems.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        for key in ("request_timeout_s", "grace_s"):
+            if not getattr(self, key) > 0:
+                problems.append((key, f"must be > 0 seconds, got {getattr(self, key)}"))
+        if self.allow_runtime_adapters and not self.adapter_root:
+            problems.append(("adapter_root", "is unset but allow_runtime_adapters is on; give the directory "
+                             "runtime-loaded adapters must live under"))
+        return problems
+
+
+@dataclass
 class Config:
     """A whole run: model, adapter, data, training and where outputs go."""
 
@@ -373,6 +414,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     output_dir: str = "runs/run"
     seed: int = 0
 
