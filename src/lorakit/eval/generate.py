@@ -223,14 +223,14 @@ def _decode(model: nn.Module, enc: dict[str, Any], settings: GenerationSettings,
         cache = DynamicCache(config=model.config)
     cached = cache.get_seq_length()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = _last_logits_only(model)
+    extra = last_logits_only(model)
     active = torch.arange(input_ids.shape[0], device=input_ids.device)  # batch row -> output row
     out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     step_ids, step_pos = input_ids[:, cached:], positions[:, cached:]
     for _ in range(settings.max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
                        use_cache=True, **extra).logits[:, -1, :].float()
-        nxt = _next_tokens(logits, settings, generator)
+        nxt = next_tokens(logits, settings, generator)
         finished = torch.zeros_like(nxt, dtype=torch.bool)
         for j, (row, token) in enumerate(zip(active.tolist(), nxt.tolist())):
             if token in eos:
@@ -250,14 +250,14 @@ def _decode(model: nn.Module, enc: dict[str, Any], settings: GenerationSettings,
     return out
 
 
-def _last_logits_only(model: nn.Module) -> dict[str, int]:
+def last_logits_only(model: nn.Module) -> dict[str, int]:
     """forward() kwargs for logits at the last position only, where the model supports it."""
     import inspect
 
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
     if settings.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / settings.temperature, dim=-1)
@@ -305,7 +305,7 @@ def _encode(ids: Sequence[Sequence[int]], pad_id: int, device: torch.device, mod
     if p:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=input_ids[:1, :p], past_key_values=cache, use_cache=True, **_last_logits_only(model))
+            model(input_ids=input_ids[:1, :p], past_key_values=cache, use_cache=True, **last_logits_only(model))
         cache.batch_repeat_interleave(len(rows))
         enc["past_key_values"] = cache
     return enc

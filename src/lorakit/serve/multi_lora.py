@@ -16,7 +16,8 @@ per-row weight copies).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.inject import is_linear, wrap_layer
+from lorakit.adapters.inject import wrap_layer
+from lorakit.quant.linear import is_linear
 from lorakit.adapters.lora import LoRALinear, linear_dims
 from lorakit.errors import LorakitError
 
@@ -111,6 +113,7 @@ class AdapterBank:
         meta = read_adapter_meta(path)
         factors = adapter_factors(AdapterRef(path, config=config))
         device = next(self.model.parameters()).device
+        moved = []
         for f in factors:
             module = self._layer(f.module)
             if module is None:
@@ -122,10 +125,10 @@ class AdapterBank:
                 raise LorakitError(f"adapter {name} ({path}): {f.module} has lora_A {tuple(f.A.shape)} / lora_B "
                                    f"{tuple(f.B.shape)} but the layer is {in_f} -> {out_f}; the adapter belongs to "
                                    "another base model")
-            f.A, f.B = f.A.to(device), f.B.to(device)
-        served = ServedAdapter(name, path, -1, (meta.template if meta else None) or "auto", meta.system_prompt if meta else None,
-                               config.get("base_model_name_or_path"), len(factors))
-        return served, factors
+            moved.append(replace(f, A=f.A.to(device), B=f.B.to(device)))
+        served = ServedAdapter(name, path, -1, (meta.template if meta else None) or "auto",
+                               meta.system_prompt if meta else None, config.get("base_model_name_or_path"), len(moved))
+        return served, moved
 
     def install(self, served: ServedAdapter, factors: list[Any]) -> ServedAdapter:
         """Put a read adapter into the model under a new slot (between forwards: the caller holds the model)."""

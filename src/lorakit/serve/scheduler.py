@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.eval.generate import GenerationSettings, _last_logits_only, _next_tokens, cut_at_stop
+from lorakit.eval.generate import GenerationSettings, last_logits_only, next_tokens, cut_at_stop
 from lorakit.serve.multi_lora import RowAdapters
 
 
@@ -93,7 +93,7 @@ class Scheduler:
         self._mask: torch.Tensor | None = None  # (B, L) over the cache's columns
         self._accepting = True
         self._stop = False
-        self._extra = _last_logits_only(model)
+        self._extra = last_logits_only(model)
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -228,7 +228,7 @@ class Scheduler:
         greedy = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             s = row.req.settings
-            token = greedy[i] if s.temperature <= 0 else int(_next_tokens(logits[i : i + 1], s, row.generator)[0])
+            token = greedy[i] if s.temperature <= 0 else int(next_tokens(logits[i : i + 1], s, row.generator)[0])
             self._add_token(row, token)
 
     def _add_token(self, row: _Row, token: int) -> None:
