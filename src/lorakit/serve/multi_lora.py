@@ -16,7 +16,6 @@ per-row weight copies).
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
