@@ -88,3 +88,52 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
     shutil.copy(folder / "config.json", folder / "pytorch_model.bin")  # the name alone is enough
     with pytest.raises(LorakitError, match=r"only pickled weights \(pytorch_model.bin\); lorakit loads safetensors only"):
         load_model(str(folder))
+
+
+def _adapter(tmp_path: Path, revision: str | None, base: str = "acme/tiny-chat") -> Path:
+    from lorakit.adapters import inject_lora
+    from lorakit.adapters.state import save_adapter
+
+    model = load_model(base, revision=revision, with_tokenizer=False).model
+    inject_lora(model, ["q_proj"], r=2, alpha=4)
+    meta = {"template": "auto", "base_model": base, "base_model_revision": revision}
+    return save_adapter(model, tmp_path / f"adapter-{revision}", base, meta)
+
+
+def test_adapter_loads_on_the_commit_it_records(hub_cache: Path, tmp_path: Path) -> None:
+    from lorakit.eval.generate import load_for_inference
+
+    adapter = _adapter(tmp_path, OLD)
+    im = load_for_inference(None, adapter, "fp32")  # the base named by the adapter, at its commit
+    embed = im.model.get_input_embeddings().weight
+    reference = load_model("acme/tiny-chat", revision=OLD, with_tokenizer=False).model.get_input_embeddings().weight
+    assert torch.equal(embed, reference)
+
+
+def test_adapter_named_hub_base_missing_from_the_cache_is_not_downloaded(hub_cache: Path, tmp_path: Path) -> None:
+    from lorakit.adapters.state import base_model_of
+
+    adapter = _adapter(tmp_path, COMMIT)
+    config = adapter / "adapter_config.json"
+    config.write_text(config.read_text().replace("acme/tiny-chat", "acme/elsewhere"))
+    choice = base_model_of([adapter])
+    assert (choice.name, choice.revision, choice.cache_only) == ("acme/elsewhere", COMMIT, True)
+    from lorakit.eval.generate import load_for_inference
+
+    with pytest.raises(LorakitError, match=rf"acme/elsewhere at {COMMIT} recorded in the adapter is not in the local"):
+        load_for_inference(None, adapter, "fp32")
+    named = base_model_of([adapter], "hf://acme/tiny-chat")
+    assert named.cache_only is False  # the user named it: a download would be allowed
+
+
+def test_damaged_revision_in_lorakit_json_is_one_line(tmp_path: Path, hub_cache: Path) -> None:
+    import json
+
+    from lorakit.adapters.state import read_adapter_meta
+
+    adapter = _adapter(tmp_path, COMMIT)
+    meta = json.loads((adapter / "lorakit.json").read_text())
+    meta["base_model_revision"] = 7
+    (adapter / "lorakit.json").write_text(json.dumps(meta))
+    with pytest.raises(LorakitError, match="base_model_revision is 7, expected a commit string"):
+        read_adapter_meta(adapter)

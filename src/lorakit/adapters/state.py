@@ -240,7 +240,16 @@ class AdapterMeta:
                                "the metadata is damaged")
         if q is not None and q.get("method") == "nf4" and q.get("blocksize", 64) not in (32, 64, 128, 256):
             raise LorakitError(f"{path}: quantization.blocksize is {q.get('blocksize')!r}, expected 32, 64, 128 or 256")
+        revision = data.get("base_model_revision")
+        if revision is not None and not isinstance(revision, str):
+            raise LorakitError(f"{path}: base_model_revision is {revision!r}, expected a commit string; "
+                               "the metadata is damaged")
         return cls(**{k: data.get(k) for k in names}, extra={k: v for k, v in data.items() if k not in names})
+
+    @property
+    def base_revision(self) -> str | None:
+        """The hub commit of the base model training loaded (None for a local or builtin base)."""
+        return self.extra.get("base_model_revision")
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -258,6 +267,38 @@ class AdapterMeta:
             compute_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(q.get("compute_dtype"),
                                                                                        torch.float32)
         return QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), compute_dtype)
+
+
+@dataclass(frozen=True)
+class BaseChoice:
+    """The base model to load adapters on: what the user named, or what the adapters record."""
+
+    name: str
+    revision: str | None = None
+    """The hub commit the adapters were trained on (lorakit.json's base_model_revision)."""
+    cache_only: bool = False
+    """True when the name came from the adapters: a hub model is then taken from the local cache only,
+    never downloaded because an adapter file says so."""
+
+
+def base_model_of(adapters: list[Path] | list[str], model: str | None = None) -> BaseChoice | None:
+    """`model` (with the recorded commit when it names the adapters' base), else the one base all the
+    adapters record; None when they record none or different ones (the caller asks for --model)."""
+    recorded = []
+    for adapter in adapters:
+        meta = read_adapter_meta(adapter)
+        recorded.append((read_adapter_config(adapter).get("base_model_name_or_path"), meta.base_revision if meta else None))
+    if model is not None:
+        commits = {rev for name, rev in recorded if name == model and rev}
+        return BaseChoice(model, commits.pop() if len(commits) == 1 else None, cache_only=False)
+    names = {name for name, _ in recorded}
+    if len(names) != 1 or None in names:
+        return None
+    commits = {rev for _, rev in recorded if rev}
+    if len(commits) > 1:
+        raise LorakitError(f"the adapters were trained on different commits of {recorded[0][0]} "
+                           f"({', '.join(sorted(commits))}); load them one at a time, or pass --model")
+    return BaseChoice(str(recorded[0][0]), commits.pop() if commits else None, cache_only=True)
 
 
 def read_adapter_meta(directory: str | Path) -> AdapterMeta | None:

@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.quant.linear import QuantizedLinear
+
+if TYPE_CHECKING:
+    from lorakit.adapters.state import BaseChoice
 
 Message = dict[str, str]
 
@@ -53,7 +56,7 @@ class InferenceModel:
 
 
 def load_for_inference(
-    model: str | None,
+    model: str | BaseChoice | None,
     adapter: str | Path | None = None,
     dtype: str = "auto",
     device: str = "cpu",
@@ -61,21 +64,27 @@ def load_for_inference(
 ) -> InferenceModel:
     """Base model (+ adapter, on the same quantized base it was trained on), in eval mode.
 
-    The adapter's lorakit.json supplies the template and system prompt used in training.
+    The adapter's lorakit.json supplies the template and system prompt used in training. `model`
+    None: the base the adapter records, at its recorded commit, from the local cache only (a
+    BaseChoice from adapters.state.base_model_of says the same for several adapters).
     """
     from lorakit.adapters import load_adapter
-    from lorakit.adapters.state import AdapterMeta, read_adapter_config, read_adapter_meta
+    from lorakit.adapters.state import AdapterMeta, BaseChoice, base_model_of, read_adapter_meta
     from lorakit.models.load import load_model
 
     meta = AdapterMeta()
     if adapter is not None:
-        config = read_adapter_config(adapter)
         meta = read_adapter_meta(adapter) or meta
-        model = model or config.get("base_model_name_or_path")
+    if isinstance(model, BaseChoice) or adapter is None:
+        base = BaseChoice(model) if isinstance(model, str) else model
+    else:
+        base = base_model_of([adapter], model)
     spec = meta.quant_spec()  # the quantized base it was trained on, in its compute dtype
-    if not model:
+    if base is None:
         raise LorakitError("give --model (the adapter does not record its base model)")
-    loaded = load_model(model, dtype, device, trust_remote_code, quantization=spec)
+    model = base.name
+    loaded = load_model(model, dtype, device, trust_remote_code, base.revision, quantization=spec,
+                        cache_only=base.cache_only)
     if adapter is not None:
         load_adapter(loaded.model, adapter)
         _merge_if_exact(loaded.model)

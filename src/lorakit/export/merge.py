@@ -30,9 +30,10 @@ from torch import nn
 from lorakit.adapters.lora import LoRAFactor, lora_scaling, merged_weight
 from lorakit.adapters.state import (
     PEFT_PREFIX,
-    adapted_modules,
-    layer_alpha,
     AdapterMeta,
+    adapted_modules,
+    base_model_of,
+    layer_alpha,
     read_adapter_config,
     read_adapter_meta,
     read_adapter_weights,
@@ -242,17 +243,17 @@ def merge(
     if out.exists() and not out.is_dir():
         raise LorakitError(f"{out} is a file; --out must be a directory")
     refs = [read_adapter(ref) for ref in adapters]
-    bases = {ref.config.get("base_model_name_or_path") for ref in refs} - {None}
-    if model is None:
-        if len(bases) != 1:
-            raise LorakitError("the adapters do not record one base model; pass --model")
-        model = bases.pop()
+    base = base_model_of([ref.path for ref in refs], model)  # recorded: its commit, from the cache only
+    if base is None:
+        raise LorakitError("the adapters do not record one base model; pass --model")
+    model = base.name
     quantized = [ref.meta for ref in refs if ref.meta.quantization]
     if len({json.dumps(meta.quantization, sort_keys=True) for meta in quantized}) > 1:
         raise LorakitError("the adapters were trained on differently quantized bases; merge them one at a time")
     # the base exactly as in training (same quantization), computed in fp32 for the reference
     spec = quantized[0].quant_spec(torch.float32) if quantized else None
-    loaded = load_model(model, "fp32", trust_remote_code=trust_remote_code, quantization=spec)
+    loaded = load_model(model, "fp32", trust_remote_code=trust_remote_code, revision=base.revision, quantization=spec,
+                        cache_only=base.cache_only)
     net, tokenizer = loaded.model, loaded.tokenizer
     dequantized = dequantize_all(net, torch.float32) if spec is not None else 0
     factors = [f for ref in refs for f in adapter_factors(ref, alpha, scale)]

@@ -58,24 +58,25 @@ def _quant_spec(meta: Any) -> Any:
 class Engine:
     def __init__(self, model: str | None, adapters: Sequence[tuple[str, Path]], cfg: ServeConfig,
                  dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False, metrics: Any = None) -> None:
-        from lorakit.adapters.state import read_adapter_config, read_adapter_meta
+        from lorakit.adapters.state import BaseChoice, base_model_of, read_adapter_config, read_adapter_meta
         from lorakit.models.load import load_model
 
         self.cfg = cfg
         metas = {name: read_adapter_meta(path) for name, path in adapters}
-        if model is None:
+        base = base_model_of([path for _, path in adapters], model) if adapters else (BaseChoice(model) if model else None)
+        if base is None:
             bases = {read_adapter_config(path).get("base_model_name_or_path") for _, path in adapters}
-            if len(bases) != 1 or None in bases:
-                raise LorakitError("give --model: the adapters record no base model, or different ones "
-                                   f"({', '.join(sorted(str(b) for b in bases)) or 'none given'})")
-            model = str(next(iter(bases)))
+            raise LorakitError("give --model: the adapters record no base model, or different ones "
+                               f"({', '.join(sorted(str(b) for b in bases)) or 'none given'})")
+        model = base.name
         specs = {name: _quant_spec(meta) for name, meta in metas.items()}
         if len({repr(s) for s in specs.values()}) > 1:
             kinds = ", ".join(f"{n}: {s.method if s else 'none'}" for n, s in specs.items())
             raise LorakitError(f"the adapters were trained on differently quantized bases ({kinds}); "
                                "serve the ones on one base together")
         self.quant = next(iter(specs.values())) if specs else None
-        loaded = load_model(model, dtype, device, trust_remote_code, quantization=self.quant)
+        loaded = load_model(model, dtype, device, trust_remote_code, base.revision, quantization=self.quant,
+                            cache_only=base.cache_only)
         self.model, self.tokenizer = loaded.model.eval(), loaded.tokenizer
         self.model.requires_grad_(False)
         _check_cache(self.model, model)
