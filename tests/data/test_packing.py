@@ -228,7 +228,7 @@ def packed_rows(packed: list[PackedSequence], batch: dict) -> list[PackedSequenc
 
 def test_shared_prefix_gives_the_gradient_of_the_examples_alone() -> None:
     """Loss sum and every parameter's gradient equal those of the examples run one by one."""
-    from lorakit.train.loss import full_loss_sum
+    from lorakit.losses import full_loss_sum
 
     model = tiny_lm_for(TOK)
     exs = prefixed_examples(6)

@@ -27,6 +27,7 @@ from lorakit.adapters.state import save_adapter
 from lorakit.config import Config, dump_config
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write_text, remove_stale_temps
+from lorakit.losses import LossFn, full_loss_sum
 from lorakit.memory import peak_rss_mb, rss_mb
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
@@ -35,7 +36,7 @@ from lorakit.train.early_stop import EarlyStop, check_rows
 from lorakit.train.frozen_cache import frozen_block_cache
 from lorakit.train.kl_anchor import KLAnchor
 from lorakit.train.log import MetricsLog, progress_bar
-from lorakit.train.loss import IGNORE, LossFn, check_fast_loss, fast_loss_sum, full_loss_sum
+from lorakit.train.loss import IGNORE, check_fast_loss, fast_loss_sum
 from lorakit.train.optim import build_optimizer, lr_at, set_lr
 
 
