@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from lorakit.config import DEFAULT_METRICS
 from lorakit.errors import LorakitError
-from lorakit.eval.metrics import DEFAULT_METRICS
 
 app = typer.Typer(
     help="Fine-tune language models on the machine you have: LoRA, QLoRA, full fine-tuning.",
