@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from lorakit.config import DEFAULT_METRICS
 from lorakit.errors import LorakitError
-from lorakit.eval.metrics import DEFAULT_METRICS
 
 app = typer.Typer(
     help="Fine-tune language models on the machine you have: LoRA, QLoRA, full fine-tuning.",
@@ -291,30 +291,6 @@ AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adap
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
 
 
-def _read_prompts(file: Path) -> list:
-    from lorakit.data.readers import load_records
-
-    rows = load_records(str(file))
-    prompts = []
-    for i, row in enumerate(rows, start=1):
-        if isinstance(row.get("messages"), list):
-            messages = [m for m in row["messages"] if isinstance(m, dict)]
-            if messages and messages[-1].get("role") == "assistant":
-                messages = messages[:-1]  # generate the answer the file holds, for comparison
-            prompts.append(messages)
-        elif isinstance(row.get("prompt"), str):
-            prompts.append(row["prompt"])
-        elif isinstance(row.get("instruction"), str):
-            text = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-            prompts.append(text)
-        else:
-            raise LorakitError(f"{file} row {i}: needs a 'prompt' string, 'messages' list or 'instruction'; "
-                               f"it has {', '.join(map(str, row)) or 'no columns'}")
-    if not prompts:
-        raise LorakitError(f"{file} holds no prompts")
-    return prompts
-
-
 @app.command()
 def generate(
     model: ModelOpt = None,
@@ -337,6 +313,7 @@ def generate(
 
     from rich.text import Text
 
+    from lorakit.data.formats import load_prompts
     from lorakit.eval.generate import generate as run_generate
     from lorakit.eval.generate import load_for_inference
 
@@ -345,7 +322,7 @@ def generate(
     if out is not None and out.exists():
         raise LorakitError(f"{out} already exists; choose another --out")
     settings = _generation_options(max_new_tokens, temperature, top_p, seed, stop)
-    prompts = list(prompt) if prompt is not None else _read_prompts(file)
+    prompts = list(prompt) if prompt is not None else load_prompts(file)
     im = load_for_inference(model, adapter, dtype, trust_remote_code=trust_remote_code)
     answers = run_generate(im, prompts, settings, batch_size=batch_size, system_prompt=system)
     if out is not None:  # written before anything is printed: the answers survive a broken terminal
@@ -376,56 +353,10 @@ def chat(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
 ) -> None:
     """Chat in the terminal, answers streamed. /reset clears the history, /system TEXT sets it, /exit quits."""
-    from lorakit.eval.generate import load_for_inference, stream_reply
+    from lorakit.eval.chat import run_chat
 
     settings = _generation_options(max_new_tokens, temperature, top_p, seed, stop)
-    im = load_for_inference(model, adapter, dtype, trust_remote_code=trust_remote_code)
-    system_prompt = system if system is not None else im.system_prompt
-    im.system_prompt = None  # the conversation carries it as a message
-    history: list[dict[str, str]] = []
-    out = sys.stdout
-    label = im.name + (f" + {im.adapter}" if im.adapter else "")
-    out.write(f"chatting with {label}; /reset, /system TEXT, /exit\n")
-    out.flush()
-    while True:
-        try:
-            out.write("you> ")
-            out.flush()
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            break
-        if not line:  # end of input
-            out.write("\n")
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history = []
-            out.write("(history cleared)\n")
-            continue
-        if text.startswith("/system"):
-            system_prompt = text[len("/system"):].strip() or None
-            history = []
-            out.write(f"(system prompt {'set' if system_prompt else 'removed'}; history cleared)\n")
-            continue
-        if text.startswith("/"):
-            out.write("(commands: /reset, /system TEXT, /exit)\n")
-            continue
-        history.append({"role": "user", "content": text})
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
-        out.write("model> ")
-        out.flush()
-
-        def write(piece: str) -> None:
-            out.write(piece)
-            out.flush()
-
-        answer = stream_reply(im, messages, settings, write)
-        out.write("\n")
-        history.append({"role": "assistant", "content": answer})
+    run_chat(model, adapter, settings, system, dtype, trust_remote_code)
 
 
 DataFiles = Annotated[Optional[list[Path]], typer.Option("--data", help="Questions with reference answers (repeatable).")]

@@ -27,6 +27,22 @@ from lorakit.errors import ConfigError
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 AnchorOn = Literal["replay", "non_target", "all"]
 
+# The generation metrics by name (computed in eval.metrics), here so configs are checked without eval.
+METRICS: dict[str, str] = {
+    "exact_match": "normalised answer equals the reference",
+    "token_f1": "token F1 against the reference (SQuAD)",
+    "fact": "the row's `fact` string appears in the answer",
+    "refusal": "the answer is a refusal (configured sentence or pattern)",
+    "label": "the answer is the row's `label`",
+    "rouge1": "ROUGE-1 F against the reference",
+    "rouge2": "ROUGE-2 F against the reference",
+    "rougeL": "ROUGE-L F against the reference",
+    "bleu": "sacreBLEU against the reference (0-100, corpus)",
+    "chrf": "chrF against the reference (0-100, corpus)",
+}
+DEFAULT_METRICS = ["fact", "exact_match", "token_f1", "rougeL", "bleu", "chrf", "refusal"]
+"""`lorakit eval` / `compare`'s --metrics default."""
+
 
 @dataclass
 class ModelConfig:
@@ -169,8 +185,6 @@ class EarlyStopConfig:
     """Stop after this many generation evals in a row without a new best."""
 
     def check(self) -> list[tuple[str, str]]:
-        from lorakit.eval.metrics import METRICS
-
         problems = []
         if self.metric not in METRICS:
             problems.append(("metric", f"unknown metric {self.metric}; choose from {', '.join(METRICS)}"))
@@ -274,8 +288,6 @@ class EvalConfig:
     batch_size: int = 8
 
     def check(self) -> list[tuple[str, str]]:
-        from lorakit.eval.metrics import METRICS
-
         problems = []
         if self.every < 0:
             problems.append(("every", f"must be >= 0, got {self.every}"))

@@ -17,8 +17,8 @@ import numpy as np
 
 from lorakit.config import DataConfig
 from lorakit.data.formats import detect_format, record_meta, to_example
+from lorakit.data.packing import PackedSequence, pack_examples, real_token_fraction, shared_prefix_length
 from lorakit.data.readers import Record, iter_records
-from lorakit.data.packing import pack_examples, real_token_fraction, shared_prefix_length
 from lorakit.data.templates import Rendered, control_strings, find_control, render, resolve_template
 from lorakit.data.tokenize import TokenizedExample, tokenize_examples
 from lorakit.errors import DataError, LorakitError
@@ -64,6 +64,9 @@ class DataBundle:
     eval: list[TokenizedExample]
     test: list[TokenizedExample]
     stats: DataStats
+    packed: list[PackedSequence] | None = None
+    """The train examples packed with stats.shared_prefix (when packing is on): packed once, for the
+    statistics and for training."""
 
 
 def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> DataBundle:
@@ -95,12 +98,13 @@ def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBun
         stats.examples[name] = len(examples)
         stats.tokens[name] = sum(len(x.input_ids) for x in examples)
         stats.trained_tokens[name] = sum(x.num_trained for x in examples)
+    packed = None
     if cfg.packing:
         stats.shared_prefix = shared_prefix_length(splits["train"]) if cfg.share_prefix else 0
         packed = pack_examples(splits["train"], cfg.max_length, seed, stats.shared_prefix)
         stats.real_token_fraction = real_token_fraction(packed, cfg.max_length)
         stats.packed_tokens = sum(len(p.input_ids) for p in packed)
-    return DataBundle(splits["train"], splits["eval"], splits["test"], stats)
+    return DataBundle(splits["train"], splits["eval"], splits["test"], stats, packed)
 
 
 CHUNK_ROWS = 1024  # rows rendered and tokenized at a time: the raw rows of a large file are never all in memory
