@@ -137,3 +137,25 @@ def test_damaged_revision_in_lorakit_json_is_one_line(tmp_path: Path, hub_cache:
     (adapter / "lorakit.json").write_text(json.dumps(meta))
     with pytest.raises(LorakitError, match="base_model_revision is 7, expected a commit string"):
         read_adapter_meta(adapter)
+
+
+def test_training_records_the_hub_commit_and_generate_reuses_it(hub_cache: Path, tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    from lorakit.config import load_config
+    from lorakit.train.loop import train
+    from tests.train.test_train_cli import write_chat_data
+
+    write_chat_data(tmp_path / "train.jsonl", n=8)
+    run = tmp_path / "run"
+    train(load_config(None, ["model.name=acme/tiny-chat", "model.dtype=fp32", f"data.train={tmp_path / 'train.jsonl'}",
+                             "data.max_length=64", "data.eval_ratio=0", "train.max_steps=1", "train.batch_size=4",
+                             "train.precision=fp32", "train.save_every=0", f"output_dir={run}"]), quiet=True)
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["revision"] == COMMIT
+    assert json.loads((run / "adapter" / "lorakit.json").read_text())["base_model_revision"] == COMMIT
+    from lorakit.adapters.state import base_model_of
+
+    choice = base_model_of([run / "adapter"])
+    assert (choice.name, choice.revision, choice.cache_only) == ("acme/tiny-chat", COMMIT, True)
