@@ -137,6 +137,7 @@ def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-form
     console = _console()
     console.print(Text(f"{ai.path}", style="bold"))
     console.print(f"base model     {ai.base_model or 'unknown'}", markup=False)
+    console.print(f"method         {ai.method}{' (PEFT use_dora: magnitude + LoRA direction)' if ai.method == 'dora' else ''}")
     scaling = lora_scaling(ai.alpha, ai.r, ai.use_rslora)
     console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
     console.print(f"dropout        {ai.dropout:g}")

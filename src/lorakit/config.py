@@ -65,9 +65,10 @@ class ModelConfig:
 class AdapterConfig:
     """What to train: LoRA adapters on a frozen base, or all weights."""
 
-    method: Literal["lora", "qlora", "full"] = "lora"
+    method: Literal["lora", "qlora", "dora", "full"] = "lora"
     """lora: adapters on a frozen base; qlora: the same on a 4-bit (NF4) base, see `quantization`;
-    full: every weight trains (for comparison)."""
+    dora: DoRA (a trained magnitude per output plus LoRA on the direction; with quantization.method nf4
+    it is QDoRA); full: every weight trains (for comparison)."""
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05

@@ -115,8 +115,8 @@ def test_broken_adapter_dirs(tmp_path: Path) -> None:
     with pytest.raises(LorakitError, match="not valid JSON"):
         load_adapter(model, tmp_path / "bad")
     (tmp_path / "dora").mkdir()
-    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
-    with pytest.raises(LorakitError, match="DoRA"):
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": "yes"}))
+    with pytest.raises(LorakitError, match="use_dora is 'yes'"):
         load_adapter(model, tmp_path / "dora")
 
 

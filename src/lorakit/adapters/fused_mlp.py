@@ -37,12 +37,15 @@ def _parts(mlp: nn.Module) -> list[Part] | None:
     """gate, up, down as (base, LoRA or None); None unless each base is a plain nn.Linear.
 
     `type(...) is nn.Linear` on purpose: lorakit's quantized layers, bitsandbytes' nn.Linear
-    subclasses and GPT-2's Conv1D compute differently and keep the unfused path.
+    subclasses and GPT-2's Conv1D compute differently and keep the unfused path; so do DoRA layers
+    (their output is rescaled per row by m / ||W + s B A||, which the fused Function does not compute).
     """
     parts = []
     for name in _PROJECTIONS:
         module = getattr(mlp, name, None)
         lora = module if isinstance(module, LoRALinear) else None
+        if lora is not None and lora.use_dora:
+            return None
         base = lora.base_layer if lora is not None else module
         if type(base) is not nn.Linear:
             return None

@@ -75,8 +75,10 @@ def inject_lora(
     use_rslora: bool = False,
     init: Init = "kaiming",
     freeze: bool = True,
+    use_dora: bool = False,
 ) -> list[str]:
-    """Wrap every target layer in a LoRALinear; freeze the rest. Returns the wrapped paths."""
+    """Wrap every target layer in a LoRALinear (with DoRA's magnitude when `use_dora`); freeze the rest.
+    Returns the wrapped paths."""
     names = find_targets(model, targets)
     if freeze:
         freeze_base(model)
@@ -84,7 +86,7 @@ def inject_lora(
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise LorakitError(f"{name} already has a LoRA adapter; load or inject adapters only once")
-        wrap_layer(model, name, LoRALinear(module, r, alpha, dropout, use_rslora, init))
+        wrap_layer(model, name, LoRALinear(module, r, alpha, dropout, use_rslora, init, use_dora))
     return names
 
 
@@ -95,12 +97,11 @@ def wrap_layer(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Everything but LoRA parameters stops requiring gradients."""
+    """Everything but LoRA parameters (A, B and DoRA's magnitude) stops requiring gradients."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        layer.lora_A.weight.requires_grad_(True)
-        layer.lora_B.weight.requires_grad_(True)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -111,7 +112,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, layer in lora_layers(model) for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    """Every adapter parameter: each layer's A and B, and its magnitude when it is a DoRA layer."""
+    return [p for _, layer in lora_layers(model) for p in layer.adapter_parameters()]
 
 
 @contextlib.contextmanager

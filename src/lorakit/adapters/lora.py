@@ -4,6 +4,15 @@
 
 A is r x in, B is out x r. B starts at zero, so a fresh adapter changes nothing.
 scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
+
+DoRA (Liu et al. 2024, arXiv:2402.09353) splits the weight into a magnitude m (one per output)
+and a direction that LoRA updates:
+
+    W' = m * (W + s B A) / ||W + s B A||_row          (norm over the input dimension)
+
+m starts at ||W||_row, so a fresh DoRA layer equals the base too. The norm is a constant in
+backward (the paper's section 4.3, as PEFT). The forward is PEFT's formulation, so the two agree
+to rounding:  y = base(x) + (m/n - 1) * (W x) + (m/n) * (B A x) * s,  with n the (detached) norm.
 The adapter weights live in fp32 whatever the base dtype, so the optimizer never rounds
 its updates to bf16; merging is computed in fp32 and written back in the base's dtype.
 """
@@ -47,6 +56,19 @@ class LoRASpec(NamedTuple):
     scaling: float
     p: float  # dropout probability on the path's input in this pass (0 outside training)
     compute_dtype: torch.dtype  # autocast's dtype when it is on, else the adapter's (fp32)
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as (out, in) in fp32, dequantized for a quantized layer (DoRA's norm)."""
+    if isinstance(layer, QuantizedLinear):
+        return layer.dequantized_weight(torch.float32)
+    weight = layer.weight.detach().float()
+    return weight.T if is_conv1d(layer) else weight  # Conv1D stores (in, out)
+
+
+def row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """||weight||_row: the L2 norm of each output's weights over the input dimension; (out, in) -> (out,)."""
+    return torch.linalg.norm(weight, dim=1)
 
 
 def lora_delta_forward(
@@ -133,6 +155,14 @@ class LoRAFactor:
     scaling: float  # lora_scaling(alpha, r), times any strength multiplier
     adapter: str = ""  # the adapter's directory, for messages ("" for one in memory)
     module: str = ""  # the layer's path in the model ("" when the caller knows it)
+    magnitude: torch.Tensor | None = None  # DoRA's m (out,); None for plain LoRA
+
+    def dora_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """m / ||W + s B A||_row (out,) in fp32 for the (out, in) fp32 base weight `weight`; no gradient."""
+        assert self.magnitude is not None, "dora_scale needs a DoRA factor"
+        with torch.no_grad():
+            norm = row_norm(weight + self.delta().to(weight.device))
+        return self.magnitude.float().to(weight.device) / norm
 
     def delta(self, fan_in_fan_out: bool = False) -> torch.Tensor:
         """scaling * B @ A in fp32: (out, in), or (in, out) for a GPT-2 Conv1D weight."""
@@ -145,6 +175,8 @@ def merged_weight(weight: torch.Tensor, factors: Sequence[LoRAFactor], name: str
                   fan_in_fan_out: bool = False) -> torch.Tensor:
     """weight + the factors' updates, in fp32: the one merge (LoRALinear.merge, unwrap_lora, `lorakit merge`).
 
+    A DoRA factor gives m / ||W + s B A||_row * (W + s B A) instead (one scale per output row). It
+    must be the layer's only factor: DoRA rescales the whole weight, so it does not add up with others.
     `weight` is the fp32 base weight of layer `name`, left unchanged. An update of the wrong shape
     or a sum with NaN/inf is refused, naming the adapter and the layer.
     """
@@ -155,7 +187,14 @@ def merged_weight(weight: torch.Tensor, factors: Sequence[LoRAFactor], name: str
         if delta.shape != merged.shape:
             raise LorakitError(f"{source}: {name} has an update of shape {tuple(delta.shape)} but the layer's "
                                f"weight is {tuple(merged.shape)}; the adapter belongs to another model")
+        if f.magnitude is not None and len(factors) > 1:
+            raise LorakitError(f"{source} is a DoRA adapter and {name} has {len(factors) - 1} other adapter(s); "
+                               "DoRA rescales the whole weight, so merge it alone")
         merged = merged + delta.to(merged.device)
+        if f.magnitude is not None:
+            rows = merged.T if fan_in_fan_out else merged  # (out, in)
+            scale = f.magnitude.float().to(merged.device) / row_norm(rows)  # (out,)
+            merged = merged * (scale if fan_in_fan_out else scale[:, None])
         if not torch.isfinite(merged).all():
             raise LorakitError(f"merging {source} into {name} gives NaN/inf; the adapter is broken "
                                "(check its training run for a diverged loss)")
@@ -177,8 +216,13 @@ def _init_lora_b(weight: torch.Tensor) -> None:
     nn.init.zeros_(weight)
 
 
+def _init_magnitude(base_layer: nn.Module) -> torch.Tensor:
+    """DoRA's m: ||W||_row (fp32), so W' = m * W / ||W||_row = W before training (Liu et al. 2024, eq. 2)."""
+    return row_norm(dense_weight(base_layer))
+
+
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update."""
+    """A frozen linear layer plus a trainable low-rank update (and DoRA's magnitude with use_dora)."""
 
     def __init__(
         self,
@@ -188,6 +232,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: Init = "kaiming",
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if r <= 0:
@@ -206,6 +251,18 @@ class LoRALinear(nn.Module):
         self.disabled = False  # True: the layer computes the base alone (the KL anchor's reference pass)
         _init_lora_a(self.lora_A.weight, init, r)
         _init_lora_b(self.lora_B.weight)
+        # DoRA: m (out,) in fp32; PEFT's file key is <layer>.lora_magnitude_vector
+        self.magnitude = nn.Parameter(_init_magnitude(base_layer).to(device)) if use_dora else None
+        self._dora_merge_scale: torch.Tensor | None = None  # m / n at merge time, what unmerge divides by
+
+    @property
+    def use_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """A, B and (DoRA) the magnitude: what trains, what an adapter file holds."""
+        params = [self.lora_A.weight, self.lora_B.weight]
+        return params + [self.magnitude] if self.magnitude is not None else params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (..., out)
@@ -214,12 +271,31 @@ class LoRALinear(nn.Module):
                 raise LorakitError("cannot switch off a merged LoRA layer; unmerge it first")
             return y
         spec = self.spec(x.device.type)
+        if self.magnitude is not None:
+            return self._dora_forward(x, y, spec)
         if torch.is_grad_enabled() and (x.requires_grad or self.lora_A.weight.requires_grad):
             delta = _LoRAPath.apply(x, self.lora_A.weight, self.lora_B.weight, spec)
         else:  # no graph to keep: nn.Dropout draws the mask, so a seeded run's random stream is unchanged
             delta = lora_delta_forward(self.lora_dropout(x), self.lora_A.weight, self.lora_B.weight,
                                        spec._replace(p=0.0))[0]
         return y + delta.to(y.dtype)
+
+    def _dora_forward(self, x: torch.Tensor, y: torch.Tensor, spec: LoRASpec) -> torch.Tensor:
+        """y + (m/n - 1) * W x + (m/n) * (B A x) * s, PEFT's DoRA forward; with dropout both terms see dropout(x)."""
+        assert self.magnitude is not None
+        scale = self.factor().dora_scale(dense_weight(self.base_layer))  # (out,): m / n, n detached
+        bias = getattr(self.base_layer, "bias", None)
+        if spec.p > 0:  # as PEFT: the base is recomputed on the dropped-out input
+            x = self.lora_dropout(x)
+            base = self.base_layer(x)
+        else:
+            base = y
+        base = base - bias if bias is not None else base  # W x (..., out)
+        if torch.is_grad_enabled() and (x.requires_grad or self.lora_A.weight.requires_grad):
+            delta = _LoRAPath.apply(x, self.lora_A.weight, self.lora_B.weight, spec._replace(p=0.0))
+        else:
+            delta = lora_delta_forward(x, self.lora_A.weight, self.lora_B.weight, spec._replace(p=0.0))[0]
+        return y + ((scale - 1) * base + scale * delta).to(y.dtype)
 
     @property
     def dropout(self) -> float:
@@ -238,13 +314,15 @@ class LoRALinear(nn.Module):
         return lora_scaling(self.alpha, self.r, self.use_rslora) * self.scale
 
     def factor(self) -> LoRAFactor:
-        return LoRAFactor(self.lora_A.weight, self.lora_B.weight, self.scaling)
+        return LoRAFactor(self.lora_A.weight, self.lora_B.weight, self.scaling, magnitude=self.magnitude)
 
     def merge(self, name: str = "this LoRA layer") -> None:
         """Fold the update into the base weight (`name`: the layer's path, for errors). Safe to call twice."""
         if self.merged:
             return
         weight = self._base_weight("merge")
+        if self.magnitude is not None:  # unmerge divides by the same m / n
+            self._dora_merge_scale = self.factor().dora_scale(dense_weight(self.base_layer))
         merged = merged_weight(weight.data.float(), [self.factor()], name, self.fan_in_fan_out)
         weight.data.copy_(merged.to(weight.dtype))
         self.merged = True
@@ -254,7 +332,12 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self._base_weight("unmerge")
-        weight.data.copy_((weight.data.float() - self.factor().delta(self.fan_in_fan_out)).to(weight.dtype))
+        merged = weight.data.float()
+        if self._dora_merge_scale is not None:  # W = W' / (m / n) - s B A
+            scale = self._dora_merge_scale
+            merged = merged / (scale if self.fan_in_fan_out else scale[:, None])
+            self._dora_merge_scale = None
+        weight.data.copy_((merged - self.factor().delta(self.fan_in_fan_out)).to(weight.dtype))
         self.merged = False
 
     def set_scale(self, scale: float) -> None:
@@ -286,7 +369,8 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
-            f"scaling={self.scaling:g}{'' if self.scale == 1 else f' (scale {self.scale:g})'}, merged={self.merged}"
+            f"scaling={self.scaling:g}{'' if self.scale == 1 else f' (scale {self.scale:g})'}, "
+            f"{'dora=True, ' if self.use_dora else ''}merged={self.merged}"
         )
 
 

@@ -11,7 +11,8 @@ from lorakit.config import AdapterConfig
 def prepare_model(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Make the parameters named by `cfg` trainable; return the adapted module paths.
 
-    lora: wrap the targets in LoRALinear and freeze everything else.
+    lora / qlora: wrap the targets in LoRALinear and freeze everything else.
+    dora: the same with DoRA's magnitude (on a quantized base too: QDoRA).
     full: every parameter trains (for comparison with LoRA); nothing is wrapped.
     """
     if cfg.method == "full":
@@ -26,4 +27,5 @@ def prepare_model(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         dropout=cfg.dropout,
         use_rslora=cfg.use_rslora,
         init=cfg.init,
+        use_dora=cfg.method == "dora",
     )

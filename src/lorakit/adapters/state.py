@@ -2,6 +2,7 @@
 
     adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ...
     adapter_model.safetensors   base_model.model.<module path>.lora_A.weight / .lora_B.weight
+                                (DoRA, use_dora true: also .lora_magnitude_vector, shape (out,))
     lorakit.json                our own metadata (template, quantization, training), optional
 
 When loading, the set of adapted modules and each one's rank are read from the weight
@@ -30,6 +31,7 @@ from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
 from lorakit.models.quantized import QuantSpec
 
+MAGNITUDE_KEY = "lora_magnitude_vector"  # PEFT's DoRA key: base_model.model.<module path>.lora_magnitude_vector
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORAKIT_META = "lorakit.json"
@@ -42,6 +44,7 @@ class AdapterInfo:
 
     path: Path
     base_model: str | None
+    method: str  # lora | dora (adapter_config.json's use_dora)
     r: int
     alpha: float
     dropout: float
@@ -59,6 +62,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in lora_layers(model):
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+        if layer.magnitude is not None:
+            state[f"{PEFT_PREFIX}{name}.{MAGNITUDE_KEY}"] = layer.magnitude.detach().cpu().contiguous()
     return state
 
 
@@ -99,6 +104,8 @@ def save_adapter(
     if not layers:
         raise LorakitError("the model has no LoRA adapters to save; inject or load one first")
     first = layers[0][1]
+    if len({layer.use_dora for _, layer in layers}) > 1:
+        raise LorakitError("the model mixes DoRA and plain LoRA layers; PEFT's format holds one kind per adapter")
     ranks = {layer.r for _, layer in layers}
     alphas = {layer.alpha for _, layer in layers}
     names = [name for name, _ in layers]
@@ -116,7 +123,7 @@ def save_adapter(
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
@@ -153,8 +160,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise LorakitError(f"{cfg_path}: peft_type is {peft_type or 'missing'}; lorakit loads LORA adapters")
-    if config.get("use_dora"):
-        raise LorakitError(f"{cfg_path}: DoRA adapters are not supported yet; use a plain LoRA adapter")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise LorakitError(f"{cfg_path}: use_dora is {config['use_dora']!r}, expected true or false; the adapter config is damaged")
     if config.get("modules_to_save"):
         raise LorakitError(
             f"{cfg_path}: modules_to_save {config['modules_to_save']} is not supported; "
@@ -363,6 +370,7 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
             f"(e.g. {missing[0]}); it was trained on base model {base}: load it on that model"
         )
     use_rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
     dropout = float(config.get("lora_dropout", 0.0)) if trainable else 0.0
     for name in modules:
         a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"]
@@ -371,8 +379,11 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
         existing = model.get_submodule(name)
         if isinstance(existing, LoRALinear):
             layer = existing
+            if layer.use_dora != use_dora:
+                raise LorakitError(f"adapter {directory} is {'DoRA' if use_dora else 'plain LoRA'} but {name} already "
+                                   f"holds a {'DoRA' if layer.use_dora else 'plain LoRA'} layer; load it on a plain model")
         else:
-            layer = LoRALinear(existing, r, layer_alpha(config, name), dropout, use_rslora)
+            layer = LoRALinear(existing, r, layer_alpha(config, name), dropout, use_rslora, use_dora=use_dora)
             wrap_layer(model, name, layer)
         expect_a = (layer.r, layer.in_features)
         expect_b = (layer.out_features, layer.r)
@@ -381,19 +392,41 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
                 f"adapter {directory}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} but the "
                 f"model's layer needs {expect_a} / {expect_b}; the adapter belongs to another base model"
             )
+        m = adapter_magnitude(weights, name, use_dora, layer.out_features, directory)
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
+            if layer.magnitude is not None and m is not None:
+                layer.magnitude.copy_(m)
     freeze_base(model)
     if not trainable:
         for _, layer in lora_layers(model):
-            layer.lora_A.weight.requires_grad_(False)
-            layer.lora_B.weight.requires_grad_(False)
+            for p in layer.adapter_parameters():
+                p.requires_grad_(False)
     return adapter_info(directory, config, weights)
 
 
+def adapter_magnitude(weights: dict[str, torch.Tensor], name: str, use_dora: bool, out_features: int,
+               directory: Path) -> torch.Tensor | None:
+    """Layer `name`'s DoRA magnitude (out,) from the file, checked against use_dora and the layer's size."""
+    m = weights.get(f"{PEFT_PREFIX}{name}.{MAGNITUDE_KEY}")
+    if not use_dora:
+        if m is not None:
+            raise LorakitError(f"adapter {directory}: {name} has a DoRA magnitude but adapter_config.json says "
+                               "use_dora false; the adapter is damaged")
+        return None
+    if m is None:
+        raise LorakitError(f"adapter {directory}: use_dora is true but {name} has no {MAGNITUDE_KEY}; "
+                           "the adapter file is damaged")
+    if tuple(m.shape) != (out_features,):
+        raise LorakitError(f"adapter {directory}: {name} has a {MAGNITUDE_KEY} of shape {tuple(m.shape)} but the "
+                           f"layer has {out_features} outputs; the adapter belongs to another base model")
+    return m
+
+
 def adapted_modules(weights: dict[str, torch.Tensor], directory: Path) -> list[str]:
-    """The module paths an adapter's weights adapt (each with lora_A and lora_B); anything else is refused."""
+    """The module paths an adapter's weights adapt (each with lora_A and lora_B, DoRA's magnitude allowed);
+    anything else is refused."""
     modules, unknown = [], []
     for key in weights:
         if key.startswith(PEFT_PREFIX) and key.endswith(".lora_A.weight"):
@@ -401,7 +434,7 @@ def adapted_modules(weights: dict[str, torch.Tensor], directory: Path) -> list[s
             if f"{PEFT_PREFIX}{name}.lora_B.weight" not in weights:
                 raise LorakitError(f"adapter {directory}: {name} has lora_A but no lora_B; the file is damaged")
             modules.append(name)
-        elif not (key.startswith(PEFT_PREFIX) and key.endswith(".lora_B.weight")):
+        elif not (key.startswith(PEFT_PREFIX) and key.endswith((".lora_B.weight", f".{MAGNITUDE_KEY}"))):
             unknown.append(key)
     if unknown:
         raise LorakitError(
@@ -426,6 +459,7 @@ def adapter_info(
     return AdapterInfo(
         path=directory,
         base_model=config.get("base_model_name_or_path"),
+        method="dora" if config.get("use_dora") else "lora",
         r=int(config.get("r", 8)),
         alpha=float(config.get("lora_alpha", 8)),
         dropout=float(config.get("lora_dropout", 0.0)),

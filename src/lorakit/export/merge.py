@@ -1,6 +1,7 @@
 """Merge LoRA adapters into their base model, verify the result, write a Hugging Face directory.
 
     W' = W + sum_i weight_i * scaling_i * (B_i @ A_i)      (fp32, then stored in --dtype)
+    W' = m * (W + s B A) / ||W + s B A||_row               (a DoRA adapter, merged alone)
 
 The merge reads the adapters' A/B matrices straight from their files, so any number of
 adapters, a changed alpha or a strength multiplier cost nothing extra. A quantized base
@@ -32,6 +33,7 @@ from lorakit.adapters.state import (
     PEFT_PREFIX,
     AdapterMeta,
     adapted_modules,
+    adapter_magnitude,
     base_model_of,
     layer_alpha,
     read_adapter_config,
@@ -101,7 +103,9 @@ def adapter_factors(ref: AdapterRef, alpha: float | None = None, scale: float = 
         r = int(a.shape[0])
         layer_a = layer_alpha(config, name) if alpha is None else alpha
         scaling = lora_scaling(layer_a, r, use_rslora) * scale * ref.weight  # times the merge scale and weight
-        factors.append(LoRAFactor(a, b, scaling, adapter=str(ref.path), module=name))
+        m = adapter_magnitude(weights, name, bool(config.get("use_dora")), b.shape[0], ref.path)  # DoRA's, else None
+        factors.append(LoRAFactor(a, b, scaling, adapter=str(ref.path), module=name,
+                                  magnitude=None if m is None else m.float()))
     return factors
 
 
@@ -148,13 +152,22 @@ def by_module(factors: list[LoRAFactor]) -> dict[str, list[LoRAFactor]]:
 
 @contextmanager
 def adapters_as_hooks(model: nn.Module, factors: list[LoRAFactor]) -> Iterator[None]:
-    """Run the base with the adapters added to each layer's output, as LoRA does in training."""
+    """Run the base with the adapters added to each layer's output, as LoRA does in training.
+
+    A DoRA factor (alone on its layer) follows PEFT's forward: out + (m/n - 1) * (W x) + (m/n) * (B A x) * s.
+    """
     handles = []
 
     def hook_for(group: list[LoRAFactor]):
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             x = inputs[0].float()
             extra = sum(F.linear(F.linear(x, f.A.to(x.device)), f.B.to(x.device)) * f.scaling for f in group)
+            if group[0].magnitude is not None:
+                weight, fan_in_fan_out = _weight_layout(module)
+                scale = group[0].dora_scale(weight.detach().float().T if fan_in_fan_out else weight.detach().float())
+                bias = getattr(module, "bias", None)
+                base = output.float() - (bias.float() if bias is not None else 0.0)  # W x
+                extra = (scale - 1) * base + scale * extra
             return output + extra.to(output.dtype)
 
         return hook
@@ -301,7 +314,8 @@ def merge_record(result: MergeResult) -> dict[str, Any]:
         "lorakit_version": __version__,
         "base_model": result.base_model,
         "adapters": [{"path": str(a.path), "weight": a.weight, "r": a.config.get("r"),
-                      "lora_alpha": a.config.get("lora_alpha"), "quantization": a.meta.quantization}
+                      "lora_alpha": a.config.get("lora_alpha"),
+                      "use_dora": bool(a.config.get("use_dora")), "quantization": a.meta.quantization}
                      for a in result.adapters],
         "alpha_override": result.alpha,
         "scale": result.scale,

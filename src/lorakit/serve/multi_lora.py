@@ -109,6 +109,9 @@ class AdapterBank:
 
         path = Path(path)
         config = read_adapter_config(path)
+        if config.get("use_dora"):
+            raise LorakitError(f"adapter {name} ({path}): serve does not batch DoRA adapters yet; merge it with "
+                               "lorakit merge and serve the merged model")
         meta = read_adapter_meta(path)
         factors = adapter_factors(AdapterRef(path, config=config))
         device = next(self.model.parameters()).device

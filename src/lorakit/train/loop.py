@@ -368,6 +368,8 @@ def _wrap_model(run: Run) -> None:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.fused_mlps = fuse_lora_mlps(model) if run.cfg.adapter.method == "lora" and tc.fused_mlp else []
+    if run.cfg.adapter.method == "dora" and tc.fused_mlp:
+        run.console.print("fused SwiGLU MLP off: DoRA layers run unfused (train.fused_mlp applies to method lora)")
     if tc.compile:
         _compile_layers(model)
     model.train()
