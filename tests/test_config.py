@@ -112,3 +112,13 @@ def test_on_keys_stay_keys_in_yaml(tmp_path) -> None:
     assert cfg.train.fused_mlp is False
     with pytest.raises(ConfigError, match="fused_mlp: expected true or false"):
         load_config(None, ["train.fused_mlp=yes"])
+
+
+def test_dora_is_a_method_validated_like_lora() -> None:
+    cfg = load_config(None, ["adapter.method=dora", "adapter.r=4", "adapter.use_rslora=true", "quantization.method=nf4"])
+    assert cfg.adapter.method == "dora" and cfg.quantization.method == "nf4"  # QDoRA
+    assert load_config(None, ["adapter.method=dora"]).quantization.method == "none"  # dora implies no quantization
+    with pytest.raises(ConfigError, match="adapter.r"):
+        load_config(None, ["adapter.method=dora", "adapter.r=0"])
+    with pytest.raises(ConfigError, match="adapter.method"):
+        load_config(None, ["adapter.method=doora"])

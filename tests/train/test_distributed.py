@@ -76,6 +76,8 @@ RUNS = {  # name -> sections; each trained by 2 ranks in the fixture's one torch
     "fsdp": {"distributed": {"strategy": "fsdp"}, "eval": {"every": 3, "max_examples": 2, "max_new_tokens": 4}},
     "ddp-qlora": {"adapter": {"method": "qlora"}},
     "fsdp-qlora": {"adapter": {"method": "qlora"}, "distributed": {"strategy": "fsdp"}, "train": {"save_every": 3}},
+    "ddp-dora": {"adapter": {"method": "dora"}},
+    "fsdp-dora": {"adapter": {"method": "dora"}, "distributed": {"strategy": "fsdp"}},
     "ddp-full": {"adapter": {"method": "full"}, "data": {"packing": False}},
     "fsdp-full": {"adapter": {"method": "full"}, "data": {"packing": False}, "distributed": {"strategy": "fsdp"},
                   "train": {"save_every": 3}},
@@ -150,7 +152,7 @@ def test_ddp_2_ranks_equal_one_process_with_the_doubled_batch(workspace: Path, d
         [e["tokens"] for e in single_events if e["event"] == "train"]  # token counts are global
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full"])
 def test_fsdp_equals_ddp(workspace: Path, distributed_runs: dict, method: str) -> None:
     suffix = "" if method == "lora" else f"-{method}"
     ddp, fsdp = distributed_runs[f"ddp{suffix}"], distributed_runs[f"fsdp{suffix}"]
@@ -168,6 +170,8 @@ def test_fsdp_equals_ddp(workspace: Path, distributed_runs: dict, method: str) -
         assert max_diff(a, b) <= 1e-5
     else:
         assert max_diff(adapter_weights(workspace / f"fsdp{suffix}"), adapter_weights(workspace / f"ddp{suffix}")) <= 1e-5
+    if method == "dora":  # the magnitudes trained (sharded under FSDP) and were gathered into PEFT's keys
+        assert sum(k.endswith(".lora_magnitude_vector") for k in adapter_weights(workspace / "fsdp-dora")) == 14
     # the checkpoint holds whole tensors in the single-process layout (FSDP's shards gathered)
     from safetensors.torch import load_file
 

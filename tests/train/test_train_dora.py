@@ -55,3 +55,18 @@ def test_dora_trains_saves_peft_format_and_resumes_exactly(workspace: Path) -> N
     got = train_losses(workspace / "dora-resumed")
     for step in range(13, 25):
         assert abs(got[step] - losses[step]) <= 1e-6, (step, got[step], losses[step])
+
+
+def test_qdora_trains_on_an_nf4_base(workspace: Path) -> None:
+    path = dora_config(workspace, "qdora", max_steps=16, save_every=0, eval_every=0)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["quantization"] = {"method": "nf4", "compute_dtype": "fp32"}
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_cli("train", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "quantized 14 linear layers to nf4" in proc.stdout
+    losses = train_losses(workspace / "qdora")
+    assert sum(losses[s] for s in range(13, 17)) < 0.8 * sum(losses[s] for s in range(1, 5))
+    meta = json.loads((workspace / "qdora" / "adapter" / "lorakit.json").read_text())
+    assert meta["method"] == "dora" and meta["quantization"]["method"] == "nf4"
+    assert json.loads((workspace / "qdora" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
