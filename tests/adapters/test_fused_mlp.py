@@ -214,3 +214,9 @@ def test_quantized_base_is_not_fused() -> None:
     inject_lora(model, ["all-linear"], r=4, alpha=8)
     assert any(hasattr(layer.base_layer, "dequantized_weight") for _, layer in lora_layers(model))
     assert fuse_lora_mlps(model) == []
+
+
+def test_dora_layers_are_not_fused() -> None:
+    model = tiny_model("llama")
+    inject_lora(model, ["all-linear"], r=4, alpha=8, use_dora=True)
+    assert fuse_lora_mlps(model) == []
