@@ -230,3 +230,16 @@ def test_serve_refuses_dora(tmp_path: Path) -> None:
     save_adapter(model, tmp_path / "d")
     with pytest.raises(LorakitError, match="serve does not batch DoRA adapters yet; merge it with lorakit merge"):
         AdapterBank(tiny_model("llama")).add("d", tmp_path / "d")
+
+
+def test_serve_engine_refuses_dora_before_loading_the_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorakit.models.load
+    from lorakit.config import ServeConfig
+    from lorakit.serve.engine import Engine
+
+    model = tiny_model("llama")
+    inject_lora(model, ["q_proj"], r=2, alpha=4, use_dora=True)
+    save_adapter(model, tmp_path / "d", base_model_name_or_path="tiny")
+    monkeypatch.setattr(lorakit.models.load, "load_model", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(LorakitError, match="serve does not batch DoRA adapters yet"):
+        Engine(None, [("d", tmp_path / "d")], ServeConfig(), "fp32")

@@ -16,7 +16,7 @@ from typing import Any
 from lorakit.config import ServeConfig
 from lorakit.errors import LorakitError
 from lorakit.eval.generate import InferenceModel, prompt_text, stop_token_ids
-from lorakit.serve.multi_lora import AdapterBank, ServedAdapter
+from lorakit.serve.multi_lora import AdapterBank, ServedAdapter, check_servable
 from lorakit.serve.scheduler import Scheduler
 
 
@@ -62,6 +62,8 @@ class Engine:
         from lorakit.models.load import load_model
 
         self.cfg = cfg
+        for name, path in adapters:  # before the base loads: a DoRA adapter is refused at once
+            check_servable(name, Path(path), read_adapter_config(path))
         metas = {name: read_adapter_meta(path) for name, path in adapters}
         base = base_model_of([path for _, path in adapters], model) if adapters else (BaseChoice(model) if model else None)
         if base is None:

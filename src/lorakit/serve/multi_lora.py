@@ -77,6 +77,13 @@ class MultiLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters={sorted(self.factors)}"
 
 
+def check_servable(name: str, path: Path, config: dict[str, Any]) -> None:
+    """Refuse what MultiLoRALinear cannot compute: DoRA's per-row rescaling by m / ||W + s B A|| is not batched."""
+    if config.get("use_dora"):
+        raise LorakitError(f"adapter {name} ({path}): serve does not batch DoRA adapters yet; merge it with "
+                           "lorakit merge and serve the merged model")
+
+
 @dataclass
 class ServedAdapter:
     """An adapter the server answers as a model of its own."""
@@ -109,9 +116,7 @@ class AdapterBank:
 
         path = Path(path)
         config = read_adapter_config(path)
-        if config.get("use_dora"):
-            raise LorakitError(f"adapter {name} ({path}): serve does not batch DoRA adapters yet; merge it with "
-                               "lorakit merge and serve the merged model")
+        check_servable(name, path, config)
         meta = read_adapter_meta(path)
         factors = adapter_factors(AdapterRef(path, config=config))
         device = next(self.model.parameters()).device
