@@ -45,7 +45,7 @@ class _Holder(nn.Module):
         return self.proj(x)
 
 
-def _pair(fan_in_fan_out: bool = False):
+def _pair(fan_in_fan_out: bool = False, dropout: float = 0.0):
     """(our DoRA layer, PEFT's DoRA layer) on copies of one seeded base, with equal random factors."""
     import copy
 
@@ -59,9 +59,10 @@ def _pair(fan_in_fan_out: bool = False):
         nn.init.normal_(base.bias, std=0.2)
     else:
         base = nn.Linear(16, 24)
-    ours = LoRALinear(base, r=4, alpha=8, use_dora=True)
+    ours = LoRALinear(base, r=4, alpha=8, dropout=dropout, use_dora=True)
     _randomize(nn.Sequential(ours))
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], use_dora=True, fan_in_fan_out=fan_in_fan_out)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["proj"], use_dora=True,
+                     fan_in_fan_out=fan_in_fan_out)
     theirs = get_peft_model(_Holder(copy.deepcopy(base)), cfg).base_model.model.proj
     _copy_to_peft(ours, theirs)
     return ours, theirs
@@ -82,6 +83,19 @@ def test_forward_and_gradients_match_peft(fan_in_fan_out: bool) -> None:
     for a, b in pairs:
         assert a.grad is not None and b.grad is not None
         assert (a.grad - b.grad).abs().max().item() <= 1e-5 * max(1.0, b.grad.abs().max().item())
+
+
+def test_dropout_draws_as_peft_does() -> None:
+    """Training with dropout: the base term and the B A term both see dropout(x), one mask, as in PEFT."""
+    ours, theirs = _pair(dropout=0.3)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(11)
+    y1 = ours(x)
+    torch.manual_seed(11)
+    y2 = theirs(x)
+    assert (y1 - y2).abs().max().item() <= 1e-5
+    torch.manual_seed(12)
+    assert (ours(x) - y1).abs().max().item() > 1e-3  # the mask did change the output
 
 
 def test_fresh_dora_layer_is_the_base() -> None:

@@ -5,6 +5,9 @@
 A is r x in, B is out x r. B starts at zero, so a fresh adapter changes nothing.
 scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
 
+The adapter weights live in fp32 whatever the base dtype, so the optimizer never rounds
+its updates to bf16; merging is computed in fp32 and written back in the base's dtype.
+
 DoRA (Liu et al. 2024, arXiv:2402.09353) splits the weight into a magnitude m (one per output)
 and a direction that LoRA updates:
 
@@ -13,8 +16,6 @@ and a direction that LoRA updates:
 m starts at ||W||_row, so a fresh DoRA layer equals the base too. The norm is a constant in
 backward (the paper's section 4.3, as PEFT). The forward is PEFT's formulation, so the two agree
 to rounding:  y = base(x) + (m/n - 1) * (W x) + (m/n) * (B A x) * s,  with n the (detached) norm.
-The adapter weights live in fp32 whatever the base dtype, so the optimizer never rounds
-its updates to bf16; merging is computed in fp32 and written back in the base's dtype.
 """
 
 from __future__ import annotations
