@@ -80,7 +80,7 @@ def write_lora_gguf(adapter: Path, config: Any, out: Path, kind: str = "f16", na
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
     names = gguf.get_tensor_name_map(gguf_arch, config.num_hidden_layers)
-    rank = int(factors[0].a.shape[0])
+    rank = int(factors[0].A.shape[0])
     alpha = float(factors[0].scaling) * rank  # llama.cpp: scale = alpha / r
     tmp = temp_file(out, suffix=".tmp.gguf")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -90,13 +90,13 @@ def write_lora_gguf(adapter: Path, config: Any, out: Path, kind: str = "f16", na
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_name(name or out.stem)
         for f in factors:
-            a, b = f.a, f.b * (f.scaling * f.a.shape[0] / alpha)  # (r, in), (out, r); the ratio is 1 unless patterns differ
-            module = f.name.rsplit(".", 1)[-1]
+            a, b = f.A, f.B * (f.scaling * f.A.shape[0] / alpha)  # (r, in), (out, r); the ratio is 1 unless patterns differ
+            module = f.module.rsplit(".", 1)[-1]
             if arch in PERMUTE_QK and module in ("q_proj", "k_proj"):
                 b = _permute(b, n_head if module == "q_proj" else n_kv)
-            base = gguf_tensor_name(names, f"{f.name}.weight")
+            base = gguf_tensor_name(names, f"{f.module}.weight")
             for suffix, w in ((".lora_a", a), (".lora_b", b)):
-                data, raw = _tensor(w, kind, f"{f.name}{suffix}")
+                data, raw = _tensor(w, kind, f"{f.module}{suffix}")
                 writer.add_tensor(base + suffix, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
