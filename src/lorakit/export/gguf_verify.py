@@ -88,14 +88,14 @@ class AnswerCheck:
 
 def compare_answers(im: InferenceModel, prompts: list[str], model: Path, lora: Path | None = None,
                     tokens: int = VERIFY_TOKENS) -> AnswerCheck:
-    """lorakit's greedy answers against llama.cpp's (llama-simple, or llama-completion with a LoRA GGUF)."""
+    """lorakit's greedy answers against llama.cpp's (llama-simple, or llama-simple-lora with a LoRA GGUF)."""
     from lorakit.eval.generate import GenerationSettings, generate, prompt_text
 
     ours = generate(im, prompts, GenerationSettings(max_new_tokens=tokens), batch_size=len(prompts))
     same, first = 0, None
     for prompt, mine in zip(prompts, ours):
         text = prompt_text(prompt, im)
-        got = (llamacpp.completion(model, text, tokens, lora=lora) if lora else llamacpp.simple(model, text, tokens)).text
+        got = llamacpp.simple(model, text, tokens, lora=lora).text
         if got.strip() == mine:
             same += 1
         elif first is None:

