@@ -90,7 +90,7 @@ def _tensor_data(w: torch.Tensor, kind: str, name: str = "?") -> tuple[np.ndarra
         return half, None
     qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
     assert kind == "bf16" or arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0  # else stored f16 above
-    if kind != "bf16" and float(np.abs(arr).max()) / 127 > 65504:  # Q8_0's / Q4_0's per-block scale is an f16
+    if kind != "bf16" and float(np.abs(arr).max()) / (127 if kind == "q8_0" else 8) > 65504:  # f16 block scales
         raise LorakitError(f"GGUF export: tensor {name} is too large for {kind}'s f16 block scales; use --type bf16")
     return gguf.quants.quantize(arr, qtype), qtype
 
@@ -232,7 +232,7 @@ def export_gguf(model_name: str | None, out: str | Path, adapter: str | Path | N
     from lorakit.export.merge import AdapterRef, read_adapter
 
     out = Path(out)
-    mode = {True: "transformers", False: "none"}.get(verify, verify) if isinstance(verify, bool) else verify
+    mode = ("transformers" if verify else "none") if isinstance(verify, bool) else verify
     check_mode(mode)
     if out.suffix != ".gguf":
         raise LorakitError(f"--out {out} should end in .gguf")
