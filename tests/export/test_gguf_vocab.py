@@ -56,3 +56,14 @@ def test_smollm2_tokenizer_maps_to_smollm() -> None:
     path = builtin_path("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     assert pre_tokenizer(tok) == "smollm"
+
+
+def test_sentencepiece_style_tokenizer_is_refused_with_the_way_out() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1, "a": 2, "▁": 3}, merges=[("▁", "a")], byte_fallback=True,
+                               unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(LorakitError, match="SentencePiece-style tokenizer.*`lorakit merge` and llama.cpp's convert_hf_to_gguf.py"):
+        vocab_fields(PreTrainedTokenizerFast(tokenizer_object=tok), 4)
