@@ -4,8 +4,8 @@ The demo's tuned adapter (runs/demo/adapter, `make demo`) is merged in fp32 and 
 f16, q8_0 and q4_k_m (and the base model alone as f16; and the adapter alone as a LoRA GGUF on
 that base). Each file answers the demo's 218 evaluation questions (held-out, a 30-row train
 sample, unanswerable, general; the handbook system prompt; greedy, 40 new tokens at most) in
-llama.cpp's llama-simple (llama-simple-lora for the adapter; 2 threads; one process per question, so the
-load is timed each time).
+llama.cpp's llama-simple-lora (llama-simple + a LoRA GGUF; --threads, default 1; one process per question,
+so the load is timed each time).
 Against lorakit's own greedy answers from the fp32 model (`lorakit generate`'s decoder) the table
 gives the share of identical answers, and the held-out fact accuracy by lorakit's metric.
 
@@ -49,10 +49,12 @@ def lorakit_answers(adapter: Path | None, prompts, system: str) -> tuple[list[st
     return out, time.perf_counter() - start
 
 
-def export(row: str, adapter: Path, work: Path) -> dict:
+def export(row: str, adapter: Path, work: Path, reuse: bool = False) -> dict:
     from lorakit.export.gguf import export_gguf
 
     kind = row.split("-", 1)[1]
+    if reuse and (work / f"{row}.gguf").exists():  # a file exported before (times not measured then)
+        return {"bytes": (work / f"{row}.gguf").stat().st_size, "export_s": None, "quantize_s": None}
     start = time.perf_counter()
     if row == "tuned-lora":
         result = export_gguf(None, work / "tuned-lora.gguf", adapter, "f16", verify="none", force=True, adapter_only=True)
@@ -64,14 +66,14 @@ def export(row: str, adapter: Path, work: Path) -> dict:
             "quantize_s": getattr(result, "quantize_s", None)}
 
 
-def run_row(row: str, work: Path, texts: list[str], reference: list[str]) -> dict:
+def run_row(row: str, work: Path, texts: list[str], reference: list[str], threads: int) -> dict:
     from lorakit.export import llamacpp
 
     model = work / ("base-f16.gguf" if row == "tuned-lora" else f"{row}.gguf")
     lora = work / "tuned-lora.gguf" if row == "tuned-lora" else None
     answers, loads, speeds, walls = [], [], [], []
     for i, text in enumerate(texts):
-        c = llamacpp.simple(model, text, 40, lora=lora, threads=2)
+        c = llamacpp.simple(model, text, 40, lora=lora, threads=threads)
         answers.append(c.text.strip())
         walls.append(c.wall_s)
         if c.load_ms is not None:
@@ -102,7 +104,8 @@ def table(results: dict, n_heldout: int) -> str:
             continue
         q = f" ({r['quantize_s']:.1f} s llama-quantize)" if r.get("quantize_s") else ""
         size = f"{r['bytes'] / 2**20:.1f} MiB"
-        lines.append(f"| {row} | {size} | {r['export_s']:.0f} s{q} | {r['load_ms_median']:.0f} ms | "
+        made = f"{r['export_s']:.0f} s{q}" if r.get("export_s") else "(reused)"
+        lines.append(f"| {row} | {size} | {made} | {r['load_ms_median']:.0f} ms | "
                      f"{r['tokens_per_s_median']:.1f} | {r['same']}/{r['asked']} ({100 * r['same'] / r['asked']:.1f}%) | "
                      f"{100 * r['heldout_fact']:.1f}% ({100 * r['reference_heldout_fact']:.1f}%) |")
     return "\n".join(lines) + f"\n\n(held-out questions: {n_heldout})\n"
@@ -115,6 +118,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="questions per eval set (default: all 218)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lorakit-gguf-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/gguf_llamacpp.md")
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1: on a busy 2-core box, 2 threads "
+                    "spin-waited 8.3 s per question against 0.65 s for 1)")
+    ap.add_argument("--reuse", action="store_true", help="use a row's file already in --work instead of exporting it")
     args = ap.parse_args()
     from lorakit.eval.generate import InferenceModel, prompt_text
     from lorakit.models.load import load_tokenizer
@@ -136,13 +142,14 @@ def main() -> None:
             results["reference"][which] = {"answers": answers, "seconds": seconds,
                                            "heldout_fact": heldout_fact(answers[: len(heldout)], heldout.targets)}
             print(f"lorakit {which}: {seconds:.0f} s for {len(prompts)} answers", file=sys.stderr)
+            cache.write_text(json.dumps(results, indent=1))
     for row in rows:
         print(f"{row}: exporting", file=sys.stderr, flush=True)
-        r = export(row, args.adapter, args.work)
+        r = export(row, args.adapter, args.work, args.reuse)
         if row == "tuned-lora" and not (args.work / "base-f16.gguf").exists():
-            export("base-f16", args.adapter, args.work)
+            export("base-f16", args.adapter, args.work)  # the base the adapter is applied to
         ref = results["reference"]["base" if row.startswith("base") else "tuned"]
-        r.update(run_row(row, args.work, texts, ref["answers"]))
+        r.update(run_row(row, args.work, texts, ref["answers"], args.threads))
         r["heldout_fact"] = heldout_fact(r["answers"][: len(heldout)], heldout.targets)
         r["reference_heldout_fact"] = ref["heldout_fact"]
         results["rows"][row] = r

@@ -91,7 +91,7 @@ def test_cli_errors_are_one_line(lora: Path, tmp_path: Path, monkeypatch) -> Non
     assert proc.returncode == 2 and "--type 'q3_k' is not supported; use one of f16, bf16, q8_0, q4_0, q4_k_m" in proc.stderr
     monkeypatch.setenv("LORAKIT_LLAMACPP", str(tmp_path / "nowhere"))
     proc = run_cli("export", "gguf", "--model", str(lora / "m"), "--out", str(tmp_path / "x.gguf"), "--verify", "llamacpp")
-    assert proc.returncode == 2 and "llama-simple is not in" in proc.stderr and "scripts/build_llamacpp.sh" in proc.stderr
+    assert proc.returncode == 2 and "llama-simple-lora is not in" in proc.stderr and "scripts/build_llamacpp.sh" in proc.stderr
     proc = run_cli("export", "gguf", "--model", str(lora / "m"), "--out", str(tmp_path / "x.gguf"), "--type", "q4_k_m")
     assert proc.returncode == 2 and "llama-quantize is not in" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -39,7 +39,7 @@ def check_mode(mode: str) -> None:
     if mode not in VERIFY_MODES:
         raise LorakitError(f"--verify {mode!r} is not a check lorakit has; use one of {', '.join(VERIFY_MODES)}")
     if mode == "llamacpp":
-        llamacpp.find_tool("llama-simple")
+        llamacpp.find_tool("llama-simple-lora")
 
 
 def verify_prompts(n: int = VERIFY_PROMPTS) -> list[str]:
@@ -95,7 +95,7 @@ def compare_answers(im: InferenceModel, prompts: list[str], model: Path, lora: P
     same, first = 0, None
     for prompt, mine in zip(prompts, ours):
         text = prompt_text(prompt, im)
-        got = llamacpp.simple(model, text, tokens, lora=lora).text
+        got = llamacpp.simple(model, text, tokens, lora=lora, threads=1).text  # 1: no spin-waiting on a busy box
         if got.strip() == mine:
             same += 1
         elif first is None:
