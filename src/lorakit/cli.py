@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from lorakit.config import DEFAULT_METRICS
 from lorakit.errors import LorakitError
-from lorakit.eval.metrics import DEFAULT_METRICS
 
 app = typer.Typer(
     help="Fine-tune language models on the machine you have: LoRA, QLoRA, full fine-tuning.",
@@ -28,8 +28,9 @@ adapter_app = typer.Typer(help="Inspect LoRA adapter directories.", no_args_is_h
 data_app = typer.Typer(help="Check datasets before training.", no_args_is_help=True)
 config_app = typer.Typer(help="Check and print configs.", no_args_is_help=True)
 export_app = typer.Typer(help="Export models to other formats.", no_args_is_help=True)
-synth_app = typer.Typer(help="Training rows written by the base model itself (against forgetting).",
-                        no_args_is_help=True)
+synth_app = typer.Typer(help="Training rows written by a model: from your documents (qa), or by the base model "
+                         "itself against forgetting (replay, rewrite).",
+                         no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
@@ -130,19 +131,20 @@ def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-form
     from rich.text import Text
 
     from lorakit.adapters import adapter_info
+    from lorakit.adapters.lora import lora_scaling
 
     ai = adapter_info(directory)
     console = _console()
     console.print(Text(f"{ai.path}", style="bold"))
     console.print(f"base model     {ai.base_model or 'unknown'}", markup=False)
-    scaling = ai.alpha / (ai.r**0.5 if ai.use_rslora else ai.r)
+    scaling = lora_scaling(ai.alpha, ai.r, ai.use_rslora)
     console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
     console.print(f"dropout        {ai.dropout:g}")
     console.print(f"targets        {ai.target_modules}", markup=False)
     console.print(f"modules        {len(ai.modules)} adapted layers")
     console.print(f"parameters     {ai.num_params:,}")
     console.print(f"files          {human_bytes(ai.file_bytes)}")
-    for key, value in ai.meta.items():
+    for key, value in (ai.meta.to_dict() if ai.meta else {}).items():
         if not isinstance(value, (dict, list)):
             console.print(f"{key:<14} {value}", markup=False)
 
@@ -309,30 +311,6 @@ AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adap
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
 
 
-def _read_prompts(file: Path) -> list:
-    from lorakit.data.readers import load_records
-
-    rows = load_records(str(file))
-    prompts = []
-    for i, row in enumerate(rows, start=1):
-        if isinstance(row.get("messages"), list):
-            messages = [m for m in row["messages"] if isinstance(m, dict)]
-            if messages and messages[-1].get("role") == "assistant":
-                messages = messages[:-1]  # generate the answer the file holds, for comparison
-            prompts.append(messages)
-        elif isinstance(row.get("prompt"), str):
-            prompts.append(row["prompt"])
-        elif isinstance(row.get("instruction"), str):
-            text = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-            prompts.append(text)
-        else:
-            raise LorakitError(f"{file} row {i}: needs a 'prompt' string, 'messages' list or 'instruction'; "
-                               f"it has {', '.join(map(str, row)) or 'no columns'}")
-    if not prompts:
-        raise LorakitError(f"{file} holds no prompts")
-    return prompts
-
-
 @app.command()
 def generate(
     model: ModelOpt = None,
@@ -355,6 +333,7 @@ def generate(
 
     from rich.text import Text
 
+    from lorakit.data.formats import load_prompts
     from lorakit.eval.generate import generate as run_generate
     from lorakit.eval.generate import load_for_inference
 
@@ -363,7 +342,7 @@ def generate(
     if out is not None and out.exists():
         raise LorakitError(f"{out} already exists; choose another --out")
     settings = _generation_options(max_new_tokens, temperature, top_p, seed, stop)
-    prompts = list(prompt) if prompt is not None else _read_prompts(file)
+    prompts = list(prompt) if prompt is not None else load_prompts(file)
     im = load_for_inference(model, adapter, dtype, trust_remote_code=trust_remote_code)
     answers = run_generate(im, prompts, settings, batch_size=batch_size, system_prompt=system)
     if out is not None:  # written before anything is printed: the answers survive a broken terminal
@@ -394,56 +373,10 @@ def chat(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
 ) -> None:
     """Chat in the terminal, answers streamed. /reset clears the history, /system TEXT sets it, /exit quits."""
-    from lorakit.eval.generate import load_for_inference, stream_reply
+    from lorakit.eval.chat import run_chat
 
     settings = _generation_options(max_new_tokens, temperature, top_p, seed, stop)
-    im = load_for_inference(model, adapter, dtype, trust_remote_code=trust_remote_code)
-    system_prompt = system if system is not None else im.system_prompt
-    im.system_prompt = None  # the conversation carries it as a message
-    history: list[dict[str, str]] = []
-    out = sys.stdout
-    label = im.name + (f" + {im.adapter}" if im.adapter else "")
-    out.write(f"chatting with {label}; /reset, /system TEXT, /exit\n")
-    out.flush()
-    while True:
-        try:
-            out.write("you> ")
-            out.flush()
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            break
-        if not line:  # end of input
-            out.write("\n")
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history = []
-            out.write("(history cleared)\n")
-            continue
-        if text.startswith("/system"):
-            system_prompt = text[len("/system"):].strip() or None
-            history = []
-            out.write(f"(system prompt {'set' if system_prompt else 'removed'}; history cleared)\n")
-            continue
-        if text.startswith("/"):
-            out.write("(commands: /reset, /system TEXT, /exit)\n")
-            continue
-        history.append({"role": "user", "content": text})
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
-        out.write("model> ")
-        out.flush()
-
-        def write(piece: str) -> None:
-            out.write(piece)
-            out.flush()
-
-        answer = stream_reply(im, messages, settings, write)
-        out.write("\n")
-        history.append({"role": "assistant", "content": answer})
+    run_chat(model, adapter, settings, system, dtype, trust_remote_code)
 
 
 DataFiles = Annotated[Optional[list[Path]], typer.Option("--data", help="Questions with reference answers (repeatable).")]
@@ -625,6 +558,32 @@ def synth_rewrite(
     console.print(rewrite(opts, console).summary(), highlight=False, soft_wrap=True)
 
 
+
+@synth_app.command("qa")
+def synth_qa(
+    docs: Annotated[list[Path], typer.Argument(help="Documents (.txt .md .pdf .html .jsonl) or folders of them.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for train/heldout/unanswerable.jsonl, the report and "
+                                      "the teacher cache (new, empty, or an earlier run's: it resumes).")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="A lorakit model as the teacher.")] = None,
+    teacher_adapter: Annotated[Optional[Path], typer.Option("--teacher-adapter", help="LoRA adapter on --teacher.")] = None,
+    teacher_url: Annotated[Optional[str], typer.Option("--teacher-url", help="OpenAI-compatible endpoint (.../v1).")] = None,
+    teacher_model: Annotated[Optional[str], typer.Option("--teacher-model", help="The endpoint's model name.")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="Environment variable with the endpoint's key.")]
+    = "OPENAI_API_KEY",
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML with a synth: section.")] = None,
+    overrides: SetOption = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N windows.")] = None,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Question/answer training data from your documents, written by a teacher model window by window."""
+    from lorakit.synth.qa import QAOptions, synth_qa as run_qa
+
+    opts = QAOptions(list(docs), out, teacher, teacher_adapter, teacher_url, teacher_model, api_key_env, config,
+                     list(overrides or []), limit, dtype, trust_remote_code)
+    console = _console()
+    console.print(run_qa(opts, console).summary(), highlight=False, soft_wrap=True)
+
 _OOM_HINTS = {
     "train": "lower train.batch_size or data.max_length (raise train.grad_accum to keep the batch), "
              "or set train.gradient_checkpointing: true or adapter.method: qlora",
@@ -636,6 +595,46 @@ _OOM_HINTS = {
     "merge": "merge on a machine with more memory, or use --no-verify",
     "export": "export on a machine with more memory, or use --no-verify",
 }
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        "--adapter", help="NAME=DIR: serve the adapter in DIR as model NAME (repeatable).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML with a serve: section.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000; 0 = any free port).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(
+        "--api-key-env", help="Environment variable holding the API key (Authorization: Bearer).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Rows decoded together.")] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", help="Waiting requests before 429.")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Cap on a request's max_tokens.")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds per request.")] = None,
+    grace: Annotated[Optional[float], typer.Option("--grace", help="Seconds to drain on SIGTERM.")] = None,
+    allow_runtime_adapters: Annotated[Optional[bool], typer.Option(
+        "--allow-runtime-adapters", help="Enable /v1/load_lora_adapter and /v1/unload_lora_adapter.")] = None,
+    adapter_root: Annotated[Optional[Path], typer.Option(
+        "--adapter-root", help="Runtime-loaded adapters must live under this directory.")] = None,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """OpenAI-compatible server: the base model and every adapter, batched together; playground at /."""
+    from lorakit.config import ServeConfig, from_dict, load_config, to_dict
+    from lorakit.serve.engine import parse_adapter_args
+    from lorakit.serve.server import serve as run_server
+
+    base = to_dict(load_config(config).serve) if config is not None else {}
+    given = dict(host=host, port=port, api_key_env=api_key_env, max_batch=max_batch, max_queue=max_queue,
+                 max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, request_timeout_s=timeout, grace_s=grace,
+                 allow_runtime_adapters=allow_runtime_adapters,
+                 adapter_root=None if adapter_root is None else str(adapter_root))
+    cfg = from_dict(ServeConfig, {**base, **{k: v for k, v in given.items() if v is not None}}, "serve.")
+    adapters = parse_adapter_args(adapter or [])
+    if model is None and not adapters:
+        raise LorakitError("give --model M, --adapter NAME=DIR, or both")
+    run_server(cfg, model, adapters, dtype, trust_remote_code=trust_remote_code)
 
 
 def debug_enabled() -> bool:

@@ -27,6 +27,22 @@ from lorakit.errors import ConfigError
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 AnchorOn = Literal["replay", "non_target", "all"]
 
+# The generation metrics by name (computed in eval.metrics), here so configs are checked without eval.
+METRICS: dict[str, str] = {
+    "exact_match": "normalised answer equals the reference",
+    "token_f1": "token F1 against the reference (SQuAD)",
+    "fact": "the row's `fact` string appears in the answer",
+    "refusal": "the answer is a refusal (configured sentence or pattern)",
+    "label": "the answer is the row's `label`",
+    "rouge1": "ROUGE-1 F against the reference",
+    "rouge2": "ROUGE-2 F against the reference",
+    "rougeL": "ROUGE-L F against the reference",
+    "bleu": "sacreBLEU against the reference (0-100, corpus)",
+    "chrf": "chrF against the reference (0-100, corpus)",
+}
+DEFAULT_METRICS = ["fact", "exact_match", "token_f1", "rougeL", "bleu", "chrf", "refusal"]
+"""`lorakit eval` / `compare`'s --metrics default."""
+
 
 @dataclass
 class ModelConfig:
@@ -169,8 +185,6 @@ class EarlyStopConfig:
     """Stop after this many generation evals in a row without a new best."""
 
     def check(self) -> list[tuple[str, str]]:
-        from lorakit.eval.metrics import METRICS
-
         problems = []
         if self.metric not in METRICS:
             problems.append(("metric", f"unknown metric {self.metric}; choose from {', '.join(METRICS)}"))
@@ -274,8 +288,6 @@ class EvalConfig:
     batch_size: int = 8
 
     def check(self) -> list[tuple[str, str]]:
-        from lorakit.eval.metrics import METRICS
-
         problems = []
         if self.every < 0:
             problems.append(("every", f"must be >= 0, got {self.every}"))
@@ -291,6 +303,118 @@ class EvalConfig:
 
 
 @dataclass
+class SynthConfig:
+    """`lorakit synth qa`: question/answer rows from documents, written by a teacher model window by window."""
+
+    window_tokens: int = 384
+    """Document text per teacher call (teacher tokens; words x 1.3 for an endpoint without a local tokenizer)."""
+    overlap_tokens: int = 64
+    """Text the next window repeats from the end of the previous one, so no fact is cut in two."""
+    text_column: str = "text"
+    """The column holding each document in a .jsonl file."""
+    facts_per_window: int = 5
+    paraphrases: int = 2
+    """Other wordings asked for per fact question."""
+    unanswerable_per_window: int = 2
+    refusal: str = "I can't answer that from the handbook."
+    """The answer of every unanswerable question (and what a fact answer must not contain)."""
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    """0 = greedy; above 0 the teacher samples, seeded by `seed` (endpoints that accept a seed)."""
+    seed: int = 0
+    batch_size: int = 8
+    """Local teacher: windows generated at once."""
+    concurrency: int = 4
+    """Endpoint teacher: requests in flight."""
+    timeout_s: float = 120.0
+    retries: int = 4
+    """Endpoint teacher: tries after the first on 429 / 5xx / connection errors, with exponential backoff."""
+    backoff_s: float = 1.0
+    grounding_threshold: float = 0.9
+    """A fact not found verbatim (after normalisation) in its window is kept when its best fuzzy match there
+    scores at least this (difflib ratio, 0-1)."""
+    dedup_jaccard: float = 0.8
+    """Questions whose word 3-gram Jaccard similarity with an earlier kept question reaches this are dropped."""
+    min_question_words: int = 3
+    max_question_words: int = 40
+    max_answer_words: int = 60
+    heldout_fraction: float = 0.3
+    """Share of facts with another wording whose other wording goes to heldout.jsonl instead of train.jsonl."""
+    unanswerable_fraction: float = 0.3
+    """Share of unanswerable questions in unanswerable.jsonl; the rest train the refusal."""
+    ngram_guard: int = 6
+    """No held-out or unanswerable question shares a word sequence this long with a training row."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        positive = {k: getattr(self, k) for k in ("window_tokens", "max_new_tokens", "batch_size", "concurrency",
+                                                  "min_question_words", "max_question_words", "max_answer_words",
+                                                  "ngram_guard")}
+        problems += [(k, f"must be >= 1, got {v}") for k, v in positive.items() if v < 1]
+        non_negative = {k: getattr(self, k) for k in ("overlap_tokens", "facts_per_window", "paraphrases",
+                                                      "unanswerable_per_window", "retries", "backoff_s", "temperature")}
+        problems += [(k, f"must be >= 0, got {v}") for k, v in non_negative.items() if v < 0]
+        if self.overlap_tokens >= self.window_tokens:
+            problems.append(("overlap_tokens", f"must be < window_tokens ({self.window_tokens}), got {self.overlap_tokens}"))
+        if self.facts_per_window + self.unanswerable_per_window == 0:
+            problems.append(("facts_per_window", "and unanswerable_per_window are both 0; nothing would be asked"))
+        if not self.refusal.strip():
+            problems.append(("refusal", "is empty; give the sentence unanswerable questions are answered with"))
+        if self.timeout_s <= 0:
+            problems.append(("timeout_s", f"must be > 0, got {self.timeout_s}"))
+        for key in ("grounding_threshold", "dedup_jaccard"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                problems.append((key, f"must be in (0, 1], got {getattr(self, key)}"))
+        for key in ("heldout_fraction", "unanswerable_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                problems.append((key, f"must be in [0, 1], got {getattr(self, key)}"))
+        if self.min_question_words > self.max_question_words:
+            problems.append(("min_question_words", f"is above max_question_words ({self.max_question_words})"))
+        return problems
+
+
+@dataclass
+class ServeConfig:
+    """`lorakit serve`: where it listens and the limits each request meets (see lorakit.serve)."""
+
+    host: str = "127.0.0.1"
+    """Loopback by default; 0.0.0.0 exposes the server to the network (set api_key_env then)."""
+    port: int = 8000
+    api_key_env: str | None = None
+    """Name of an environment variable holding the API key; every route but /health then needs
+    `Authorization: Bearer KEY`. The key itself never goes in a config file."""
+    max_batch: int = 32
+    """Rows decoded together; requests beyond it wait in the queue."""
+    max_queue: int = 256
+    """Requests waiting for a row; one more gets 429 with Retry-After."""
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512
+    """Cap on a request's max_tokens (and its default when the request gives none)."""
+    request_timeout_s: float = 300.0
+    grace_s: float = 30.0
+    """On SIGTERM: in-flight requests get this long to finish, then are cancelled; the server exits 0."""
+    allow_runtime_adapters: bool = False
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes); off by default."""
+    adapter_root: str | None = None
+    """Runtime loading reads only adapter directories under this directory."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(("port", f"must be in 0..65535 (0 = any free port), got {self.port}"))
+        for key in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens"):
+            if getattr(self, key) < 1:
+                problems.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        for key in ("request_timeout_s", "grace_s"):
+            if not getattr(self, key) > 0:
+                problems.append((key, f"must be > 0 seconds, got {getattr(self, key)}"))
+        if self.allow_runtime_adapters and not self.adapter_root:
+            problems.append(("adapter_root", "is unset but allow_runtime_adapters is on; give the directory "
+                             "runtime-loaded adapters must live under"))
+        return problems
+
+
+@dataclass
 class Config:
     """A whole run: model, adapter, data, training and where outputs go."""
 
@@ -301,6 +425,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     output_dir: str = "runs/run"
     seed: int = 0
 

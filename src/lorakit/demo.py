@@ -112,19 +112,20 @@ def base_cache_path(cfg: Any, data: DemoData, settings: Any, limit: int | None, 
 def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, overrides: list[str] | None = None,
              limit: int | None = None, train_sample: int = 30, merge: bool = True,
              reuse_base: bool = False) -> dict[str, Any]:
+    """Evaluate the base model, train, evaluate the tuned model, write compare.json and report.html, merge."""
     from rich.console import Console
+    from rich.markup import escape
 
     from lorakit.config import load_config
-    from lorakit.eval.compare import build_comparison, evaluate_model
-    from lorakit.eval.commands import generation_progress
-    from lorakit.eval.generate import GenerationSettings, load_for_inference
+    from lorakit.dtypes import DTYPES
+    from lorakit.eval.compare import build_comparison
+    from lorakit.eval.generate import GenerationSettings
     from lorakit.eval.report import write_report
     from lorakit.io import atomic_write_text
-    from lorakit.models.load import DTYPES, resolve_dtype
+    from lorakit.models.load import resolve_dtype
     from lorakit.train.loop import train
 
     console = Console()
-    from rich.markup import escape
     if limit is not None and limit < 1:
         raise LorakitError(f"--limit must be >= 1, got {limit}")
     if not Path(config).is_file():
@@ -137,32 +138,11 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     started = time.perf_counter()
     console.rule(f"[bold]lorakit demo[/bold]: {escape(cfg.model.name)} learns {escape(data.files[0].parent.name)}")
     console.print(f"run directory {run_dir}", markup=False)
-
-    def evaluate(adapter: Path | None, label: str) -> Any:
-        im = load_for_inference(cfg.model.name, adapter, cfg.model.dtype)
-        im.template, im.system_prompt = cfg.data.template, data.system_prompt
-        total = sum(len(s) for s in data.sets)
-        t0 = time.perf_counter()
-        with generation_progress(console, total, f"evaluate {label}") as advance:
-            result = evaluate_model(im, label, data.sets, METRICS, settings, EVAL_BATCH, None, False, data.text,
-                                    cfg.data.max_length, advance)
-        console.print(f"evaluated {label} on {total} questions in {time.perf_counter() - t0:.0f} s")
-        return result
-
     cache = base_cache_path(cfg, data, settings, limit, train_sample) if reuse_base else None
-    if cache is not None and cache.is_file():
-        from lorakit.eval.compare import ModelResult
-
-        base = ModelResult(**json.loads(cache.read_text(encoding="utf-8")))
-        console.print(f"base model's evaluation reused from {cache} (--reuse-base)")
-    else:
-        base = evaluate(None, "base")
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache, json.dumps(dataclasses.asdict(base), ensure_ascii=False))
+    base = base_result(cfg, data, settings, console, cache)
     console.rule("train")
     trained = train(cfg, console=console)
-    tuned = evaluate(run_dir / "adapter", "tuned")
+    tuned = evaluate_demo_model(cfg, data, settings, console, run_dir / "adapter", "tuned")
     comparison = build_comparison([base, tuned], "general")
     comparison["summary"] = summary_rows(comparison, "base", "tuned", data.variants)
 
@@ -175,24 +155,62 @@ def run_demo(output_dir: Path | None = None, config: Path = DEFAULT_CONFIG, over
     report = write({})  # the evaluation is kept whatever the merge does
     print_summary(console, comparison)
     if merge:
-        from lorakit.export.merge import AdapterRef, merge as merge_adapters
-
         # In the dtype the adapter was trained and evaluated in: a bf16 copy of an fp32-trained
         # model is another model (on this demo, logits up to 2.1 apart, top-1 agreement 95.8%).
         dtype = next(name for name, t in DTYPES.items() if t == resolve_dtype(cfg.model.dtype))
-        console.rule("merge")
-        try:
-            merged = merge_adapters([AdapterRef(run_dir / "adapter")], run_dir / "merged", cfg.model.name, dtype=dtype)
-        except LorakitError as err:
-            raise LorakitError(f"merge failed: {err} (the evaluation is in {run_dir / 'compare.json'})") from None
-        v = merged.verification
-        if v is not None:
-            console.print(f"merged into {run_dir / 'merged'} ({dtype}): max |logit diff| vs adapter {v.max_abs_diff:.3g}, "
-                          f"top-1 agreement {100 * v.top1_agreement:.1f}%")
-        report = write({"merged": str(run_dir / "merged"), "merge_dtype": dtype})
+        report = write(merge_verified(cfg, run_dir, dtype, console))
     elapsed = time.perf_counter() - started
     console.print(f"wrote {run_dir / 'compare.json'}, {report}; whole demo {elapsed / 60:.1f} min", markup=False)
     return comparison
+
+
+def evaluate_demo_model(cfg: Any, data: DemoData, settings: Any, console: Any, adapter: Path | None, label: str) -> Any:
+    """The base model (adapter None) or the tuned one on every eval set: a ModelResult."""
+    from lorakit.eval.commands import generation_progress
+    from lorakit.eval.compare import evaluate_model
+    from lorakit.eval.generate import load_for_inference
+
+    im = load_for_inference(cfg.model.name, adapter, cfg.model.dtype)
+    im.template, im.system_prompt = cfg.data.template, data.system_prompt
+    total = sum(len(s) for s in data.sets)
+    t0 = time.perf_counter()
+    with generation_progress(console, total, f"evaluate {label}") as advance:
+        result = evaluate_model(im, label, data.sets, METRICS, settings, EVAL_BATCH, None, False, data.text,
+                                cfg.data.max_length, advance)
+    console.print(f"evaluated {label} on {total} questions in {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def base_result(cfg: Any, data: DemoData, settings: Any, console: Any, cache: Path | None) -> Any:
+    """The base model's evaluation: read from `cache` when it is there (--reuse-base), else run (and cached)."""
+    from lorakit.eval.compare import ModelResult
+    from lorakit.io import atomic_write_text
+
+    if cache is not None and cache.is_file():
+        base = ModelResult(**json.loads(cache.read_text(encoding="utf-8")))
+        console.print(f"base model's evaluation reused from {cache} (--reuse-base)")
+        return base
+    base = evaluate_demo_model(cfg, data, settings, console, None, "base")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps(dataclasses.asdict(base), ensure_ascii=False))
+    return base
+
+
+def merge_verified(cfg: Any, run_dir: Path, dtype: str, console: Any) -> dict[str, Any]:
+    """run_dir/adapter merged into run_dir/merged in `dtype` and verified; what compare.json records of it."""
+    from lorakit.export.merge import AdapterRef, merge as merge_adapters
+
+    console.rule("merge")
+    try:
+        merged = merge_adapters([AdapterRef(run_dir / "adapter")], run_dir / "merged", cfg.model.name, dtype=dtype)
+    except LorakitError as err:
+        raise LorakitError(f"merge failed: {err} (the evaluation is in {run_dir / 'compare.json'})") from None
+    v = merged.verification
+    if v is not None:
+        console.print(f"merged into {run_dir / 'merged'} ({dtype}): max |logit diff| vs adapter {v.max_abs_diff:.3g}, "
+                      f"top-1 agreement {100 * v.top1_agreement:.1f}%")
+    return {"merged": str(run_dir / "merged"), "merge_dtype": dtype}
 
 
 def print_summary(console: Any, comparison: dict[str, Any], samples: int = 3) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from lorakit import cli
 from lorakit.adapters import inject_lora
-from lorakit.adapters.state import read_adapter_meta, save_adapter
+from lorakit.adapters.state import AdapterMeta, read_adapter_meta, save_adapter
 from lorakit.errors import LorakitError
 from tests.conftest import tiny_model
 
@@ -33,9 +33,45 @@ def test_damaged_lorakit_json_is_an_error(adapter: Path, content: bytes) -> None
 
 
 def test_absent_lorakit_json_is_a_plain_peft_adapter(adapter: Path) -> None:
-    assert read_adapter_meta(adapter) == json.loads(json.dumps(QLORA_META))
+    assert read_adapter_meta(adapter) == AdapterMeta(base_model="x", quantization=QLORA_META["quantization"])
     (adapter / "lorakit.json").unlink()
-    assert read_adapter_meta(adapter) == {}
+    assert read_adapter_meta(adapter) is None
+
+
+def test_adapter_meta_round_trips_byte_for_byte(adapter: Path) -> None:
+    """What training writes (its keys in its order, then a checkpoint's extras) reads back and writes unchanged."""
+    written = {"lorakit_version": "0.1.0", "base_model": "some/base", "method": "qlora", "template": "chatml",
+               "system_prompt": None, "max_length": 512,
+               "quantization": {"method": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": "bfloat16"},
+               "step": 40, "eval_loss": 1.25}
+    model = tiny_model("llama")
+    inject_lora(model, ["q_proj"], r=2, alpha=4)
+    save_adapter(model, adapter, meta=written)
+    raw = (adapter / "lorakit.json").read_bytes()
+    assert raw == (json.dumps(written, indent=2) + "\n").encode()
+    meta = read_adapter_meta(adapter)
+    assert meta is not None and meta.max_length == 512 and meta.extra == {"step": 40, "eval_loss": 1.25}
+    assert meta.to_dict() == written
+    save_adapter(model, adapter, meta=meta)
+    assert (adapter / "lorakit.json").read_bytes() == raw
+
+
+def test_adapter_meta_quant_spec() -> None:
+    import torch
+
+    q = {"method": "nf4", "blocksize": 128, "double_quant": False, "compute_dtype": "bfloat16"}
+    assert AdapterMeta().quant_spec() is None
+    spec = AdapterMeta(quantization=q).quant_spec()
+    assert (spec.method, spec.blocksize, spec.double_quant, spec.compute_dtype) == ("nf4", 128, False, torch.bfloat16)
+    assert AdapterMeta(quantization={"method": "int8"}).quant_spec(torch.float32).compute_dtype == torch.float32
+
+
+def test_writing_refuses_what_reading_would_refuse(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    inject_lora(model, ["q_proj"], r=2, alpha=4)
+    with pytest.raises(LorakitError, match="quantization.method is 'nf5'"):
+        save_adapter(model, tmp_path / "a", meta={"quantization": {"method": "nf5"}})
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("command", [["adapter", "info", "{a}"],

@@ -1,4 +1,5 @@
-"""The fused LoRA path (_LoRAPath) computes what dropout + two linears compute, forward and backward."""
+"""The LoRA kernel (lora_delta_forward / lora_delta_backward, as _LoRAPath) computes what dropout + two linears
+compute, forward and backward."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit.adapters.lora import LoRALinear, _LoRAPath
+from lorakit.adapters.lora import LoRALinear, LoRASpec, _LoRAPath
 
 
 def reference(x, a, b, scaling, mask, keep):
@@ -21,7 +22,7 @@ def test_gradcheck_against_the_unfused_formula(p: float) -> None:
     a = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
     torch.manual_seed(11)
-    out = _LoRAPath.apply(x, a, b, 1.7, p, torch.float64)
+    out = _LoRAPath.apply(x, a, b, LoRASpec(1.7, p, torch.float64))
     torch.manual_seed(11)
     mask = (torch.rand(x.shape) < 1 - p) if p > 0 else None
     ref = reference(x, a, b, 1.7, mask, 1 - p)
@@ -31,7 +32,7 @@ def test_gradcheck_against_the_unfused_formula(p: float) -> None:
     for got, want in zip(grads, ref_grads):
         assert torch.allclose(got, want)
     if p == 0:
-        assert torch.autograd.gradcheck(lambda x, a, b: _LoRAPath.apply(x, a, b, 1.7, 0.0, torch.float64), (x, a, b))
+        assert torch.autograd.gradcheck(lambda x, a, b: _LoRAPath.apply(x, a, b, LoRASpec(1.7, 0.0, torch.float64)), (x, a, b))
 
 
 def test_layer_in_training_matches_the_plain_path_without_dropout() -> None:

@@ -87,7 +87,7 @@ def test_round_trip_and_metadata(tmp_path: Path, input_ids) -> None:
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == "tiny"
     assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     info = adapter_info(tmp_path / "a")
-    assert info.meta == {"template": "chatml"} and len(info.modules) == 14
+    assert info.meta is not None and info.meta.template == "chatml" and len(info.modules) == 14
     fresh = tiny_model("llama")
     load_adapter(fresh, tmp_path / "a")
     with torch.no_grad():

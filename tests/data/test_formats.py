@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorakit.data import Conversation, detect_format, load_records, to_example
-from lorakit.errors import DataError
+from lorakit.errors import DataError, LorakitError
 from tests.data.conftest import ROWS
 
 
@@ -146,3 +146,40 @@ def test_conversational_prompt_completion(tmp_path) -> None:
     bad = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "user", "content": "x"}]}
     with pytest.raises(DataError, match="row 1.*assistant"):
         to_example(bad, fmt, 1, path)
+
+
+def _prompt_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_load_prompts_reads_each_row_as_what_generate_asks(tmp_path: Path) -> None:
+    from lorakit.data.formats import load_prompts
+
+    rows = [
+        {"prompt": "plain"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "only asks"}]},
+        {"instruction": "do it", "input": "now"},  # no output: a prompts file need not hold answers
+        {"instruction": "do it", "output": "done", "system": "be brief"},
+    ]
+    assert load_prompts(_prompt_file(tmp_path / "p.jsonl", rows)) == [
+        "plain",
+        [{"role": "user", "content": "q"}],  # the answer the file holds is generated anew
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "only asks"}],
+        "do it\n\nnow",
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "do it"}],  # alpaca's system kept
+    ]
+
+
+def test_load_prompts_errors_name_the_file_and_row(tmp_path: Path) -> None:
+    from lorakit.data.formats import load_prompts
+
+    bad = _prompt_file(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"question": "what?"}])
+    with pytest.raises(LorakitError, match=r"bad.jsonl row 2: needs a 'prompt' string, 'messages' list or "
+                                           r"'instruction'; it has question$"):
+        load_prompts(bad)
+    with pytest.raises(LorakitError, match="empty.jsonl: no rows; the file is empty"):
+        load_prompts(_prompt_file(tmp_path / "empty.jsonl", []))
+    with pytest.raises(DataError, match=r"row 1: message 1 has unknown role"):
+        load_prompts(_prompt_file(tmp_path / "role.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}]))

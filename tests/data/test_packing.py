@@ -191,7 +191,7 @@ def _alone(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prefix_examples_compute_what_they_compute_alone(attn: str) -> None:
     """Every example in a shared-prefix row (batched, with padding) gets its lone logits."""
-    from lorakit.train.loop import additive_mask, prefix_mask_form
+    from lorakit.train.support import additive_mask, prefix_mask_form
 
     model = tiny_lm_for(TOK)
     model.config._attn_implementation = attn
@@ -228,7 +228,7 @@ def packed_rows(packed: list[PackedSequence], batch: dict) -> list[PackedSequenc
 
 def test_shared_prefix_gives_the_gradient_of_the_examples_alone() -> None:
     """Loss sum and every parameter's gradient equal those of the examples run one by one."""
-    from lorakit.train.loss import full_loss_sum
+    from lorakit.losses import full_loss_sum
 
     model = tiny_lm_for(TOK)
     exs = prefixed_examples(6)

@@ -225,3 +225,27 @@ def test_meta_init_then_to_empty_then_load(kind):
     empty.load_state_dict(layer.state_dict())
     x = torch.randn(2, IN)
     assert torch.equal(empty(x), layer(x))
+
+
+def test_one_type_test_for_quantized_layers_and_conv1d() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from lorakit.quant import QuantizedLinear, is_conv1d, is_linear
+
+    conv = Conv1D(OUT, IN)
+    assert is_conv1d(conv) and is_linear(conv) and not is_conv1d(nn.Linear(IN, OUT))
+    for kind in ("nf4", "int8"):
+        layer = make(kind)
+        assert isinstance(layer, QuantizedLinear) and is_linear(layer) and not is_conv1d(layer)
+    assert not is_linear(nn.Embedding(4, 4)) and not is_linear(nn.LayerNorm(4))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_to_linear_holds_the_dequantized_weight_and_bias(kind: str) -> None:
+    layer = make(kind)
+    plain = layer.to_linear(torch.bfloat16)
+    assert type(plain) is nn.Linear and plain.weight.dtype == torch.bfloat16 and not plain.weight.requires_grad
+    assert torch.equal(plain.weight, layer.dequantized_weight(torch.float32).to(torch.bfloat16))
+    assert torch.equal(plain.bias, layer.bias.to(torch.bfloat16))
+    given = torch.ones(OUT, IN)
+    assert torch.equal(layer.to_linear(torch.float32, given).weight, given)

@@ -23,6 +23,8 @@ import pytest
 import torch
 import yaml
 
+from lorakit.quant.linear import QuantizedLinear
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one 2-process job; a hang fails the test instead of blocking CI
 STEPS = 6
@@ -355,7 +357,7 @@ def _probe_nf4_sharding() -> dict[str, Any]:
     with torch.no_grad():
         plain = float(fast_loss_sum(model, batch)[0])
     loss_fn = dist.parallelize(model, fast_loss_sum, DistributedConfig(strategy="fsdp"), torch.device("cpu"), None)
-    quantized = [p for m in model.modules() if dist.is_quantized_linear(m)
+    quantized = [p for m in model.modules() if isinstance(m, QuantizedLinear)
                  for name, p in m.named_parameters(recurse=False) if name != "bias"]
     local = sum(p.to_local().numel() * p.element_size() for p in quantized)
     gathered: list[Any] = [None] * dist.world_size()

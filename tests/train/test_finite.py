@@ -12,9 +12,9 @@ from lorakit.adapters import inject_lora
 from lorakit.adapters.state import save_adapter
 from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
+from lorakit.losses import full_loss_sum
 from lorakit.train.checkpoint import save_checkpoint
 from lorakit.train.loop import train_step
-from lorakit.train.loss import full_loss_sum
 from lorakit.train.optim import build_optimizer
 from tests.conftest import tiny_model
 from tests.train.test_units import _batch

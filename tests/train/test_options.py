@@ -9,7 +9,8 @@ import pytest
 
 from lorakit.config import load_config
 from lorakit.errors import LorakitError
-from lorakit.train.loop import cpu_bf16_supported, train
+from lorakit.train.loop import train
+from lorakit.train.support import cpu_bf16_supported
 from tests.conftest import save_tiny_model_dir
 from tests.train.test_train_cli import write_chat_data
 
@@ -137,7 +138,7 @@ def test_packing_probe_accepts_isolating_models_and_rejects_leaky_ones() -> None
     import torch
 
     from lorakit.quant import quantize_model_linears
-    from lorakit.train.loop import packing_works
+    from lorakit.train.support import packing_works
     from tests.conftest import tiny_model
 
     cpu = torch.device("cpu")

@@ -155,6 +155,27 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(workspace: Path, 
     assert [p.name for p in sorted((workspace / "nan" / "checkpoints").iterdir())] == ["step-2", "step-4"]
 
 
+def test_the_training_set_is_packed_once(workspace: Path, monkeypatch) -> None:
+    """build_datasets packs the train rows for its statistics; the loop trains on those same rows."""
+    import lorakit.data
+    from lorakit.config import load_config
+    from lorakit.data import dataset
+    from lorakit.train import loop
+
+    sizes = []
+    real = lorakit.data.pack_examples
+
+    def counting(examples, *args, **kwargs):
+        sizes.append(len(examples))
+        return real(examples, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "pack_examples", counting)
+    monkeypatch.setattr(lorakit.data, "pack_examples", counting)
+    cfg = load_config(write_config(workspace, "packed-once", max_steps=1, save_every=0, eval_every=0))
+    loop.train(cfg, quiet=True)
+    assert sizes == [36, 12]  # the 36 train rows once, then the 12 eval rows
+
+
 def test_full_fine_tuning_writes_a_model(workspace: Path) -> None:
     cfg = write_config(workspace, "fullft", max_steps=3, save_every=0, eval_every=0)
     proc = run_cli("train", str(cfg), "--set", "adapter.method=full", "--set", "data.packing=false")

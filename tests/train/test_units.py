@@ -10,8 +10,9 @@ import torch
 
 from lorakit.adapters import inject_lora
 from lorakit.config import TrainConfig
+from lorakit.losses import full_loss_sum
 from lorakit.train.checkpoint import load_checkpoint, save_checkpoint
-from lorakit.train.loss import check_fast_loss, fast_loss_sum, full_loss_sum
+from lorakit.train.loss import check_fast_loss, fast_loss_sum
 from lorakit.train.optim import build_optimizer, lr_at
 from tests.conftest import tiny_model
 

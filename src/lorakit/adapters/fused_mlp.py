@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.lora import LoRALinear
+from lorakit.adapters.lora import LoRALinear, LoRASpec, lora_delta_backward, lora_delta_forward
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 Part = tuple[nn.Linear, LoRALinear | None]  # (frozen base linear, its LoRA wrapper if adapted)
-Spec = tuple[float, float, torch.dtype]  # (scaling, dropout p, LoRA compute dtype) of one projection
 
 
 def _parts(mlp: nn.Module) -> list[Part] | None:
@@ -57,59 +56,30 @@ def _is_silu(act: Any) -> bool:
     )
 
 
-def _spec(lora: LoRALinear | None, autocast_dtype: torch.dtype | None) -> Spec:
-    """What LoRALinear.forward would use: dropout only in training, the autocast dtype if on."""
-    if lora is None:
-        return 0.0, 0.0, torch.float32
-    p = float(lora.lora_dropout.p) if lora.training and isinstance(lora.lora_dropout, nn.Dropout) else 0.0
-    return lora.scaling, p, autocast_dtype or lora.lora_A.weight.dtype
-
-
 def _project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-             lora_b: torch.Tensor | None, spec: Spec) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """W x + b + (B A dropout(x)) * scaling; returns (y, dropout mask or None, x A^T or None).
+             lora_b: torch.Tensor | None, spec: LoRASpec | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """W x + b + the LoRA delta; returns (y, dropout mask or None, x A^T or None).
 
     The mask is drawn after the base matmul, as LoRALinear does, so a seeded run draws the
     same masks fused and unfused.
     """
     y = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))  # (..., out)
-    if lora_a is None:
+    if lora_a is None or lora_b is None or spec is None:
         return y, None, None
-    scaling, p, cdt = spec
-    xl = x.to(cdt)
-    mask = (torch.rand(x.shape, device=x.device) < 1.0 - p) if p > 0 else None  # (..., in) bool
-    if mask is not None:
-        xl = xl * mask * (1.0 / (1.0 - p))
-    xa = xl @ lora_a.to(cdt).T  # (..., r)
-    delta = (xa @ lora_b.to(cdt).T).mul_(scaling)  # (..., out)
+    delta, mask, xa = lora_delta_forward(x, lora_a, lora_b, spec)
     return y.add_(delta.to(y.dtype)), mask, xa
 
 
 def _project_backward(
     dy: torch.Tensor, x: torch.Tensor | None, mask: torch.Tensor | None, xa: torch.Tensor | None, w: torch.Tensor,
-    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, spec: Spec, need_x: bool, need_a: bool, need_b: bool,
+    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, spec: LoRASpec | None, need_x: bool, need_a: bool,
+    need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad of x through W, grad of x through the LoRA path, grad A, grad B), each None when not needed."""
     dx = dy @ w.to(dy.dtype) if need_x else None  # (..., in)
-    if lora_a is None or lora_b is None or xa is None:
+    if lora_a is None or lora_b is None or xa is None or spec is None:
         return dx, None, None, None
-    scaling, p, cdt = spec
-    keep = 1.0 - p
-    gl = dy.to(cdt) * scaling  # (..., out)
-    a, b = lora_a.to(cdt), lora_b.to(cdt)
-    grad_b = (gl.reshape(-1, gl.shape[-1]).T @ xa.reshape(-1, xa.shape[-1])).to(lora_b.dtype) if need_b else None
-    gxa = gl @ b  # (..., r)
-    grad_a = None
-    if need_a and x is not None:
-        xl = x.to(cdt)
-        if mask is not None:
-            xl = xl * mask * (1.0 / keep)  # dropout(x) again, transient
-        grad_a = (gxa.reshape(-1, gxa.shape[-1]).T @ xl.reshape(-1, xl.shape[-1])).to(lora_a.dtype)  # (r, in)
-    dx_lora = None
-    if need_x:
-        dx_lora = gxa @ a  # (..., in)
-        if mask is not None:
-            dx_lora = dx_lora.mul_(mask).mul_(1.0 / keep)
+    dx_lora, grad_a, grad_b = lora_delta_backward(dy, x, mask, xa, lora_a, lora_b, spec, need_x, need_a, need_b)
     return dx, dx_lora, grad_a, grad_b
 
 
@@ -184,7 +154,7 @@ def _swiglu(parts: list[Part], x: torch.Tensor) -> torch.Tensor:
     for base, lora in parts:
         weights += [base.weight, base.bias]
         weights += [lora.lora_A.weight, lora.lora_B.weight] if lora is not None else [None, None]
-    specs = tuple(_spec(lora, autocast) for _, lora in parts)
+    specs = tuple(None if lora is None else lora.spec(device) for _, lora in parts)
     return _SwiGLULoRA.apply(x, autocast or x.dtype, specs, *weights)
 
 

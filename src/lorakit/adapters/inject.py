@@ -11,49 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from lorakit.adapters.lora import Init, LoRALinear, _is_conv1d
+from lorakit.adapters.lora import Init, LoRALinear, merged_weight
 from lorakit.errors import LorakitError
+from lorakit.models import layers
+from lorakit.models.layers import describe_linear_names, output_head_names
+from lorakit.quant.linear import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
 
-def is_linear(module: nn.Module) -> bool:
-    """A layer LoRA can wrap: nn.Linear, GPT-2's Conv1D, or a lorakit quantized linear."""
-    return (
-        isinstance(module, nn.Linear)
-        or _is_conv1d(module)
-        or (hasattr(module, "in_features") and hasattr(module, "dequantized_weight"))
-    )
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Module paths of the output head (lm_head), which "all-linear" leaves alone."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return set()
-    return {name for name, module in model.named_modules() if module is head}
-
-
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Paths of the layers LoRA can target (already-wrapped layers by their wrapper's path)."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            names.append(name)
-        elif is_linear(module) and not name.endswith(".base_layer") and not _inside_lora(name):
-            names.append(name)
-    return names
-
-
-def _inside_lora(name: str) -> bool:
-    return ".lora_A" in name or ".lora_B" in name or name.endswith(("lora_A", "lora_B"))
+    return layers.linear_layer_names(model, wrapper=LoRALinear)
 
 
 def is_regex(target: str) -> bool:
@@ -89,12 +64,6 @@ def find_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
             f"{describe_linear_names(candidates)} (or use all-linear)"
         )
     return chosen
-
-
-def describe_linear_names(names: list[str]) -> str:
-    """Compact list of leaf names with counts, e.g. 'q_proj (30), lm_head (1)'."""
-    counts = Counter(n.rsplit(".", 1)[-1] for n in names)
-    return ", ".join(f"{leaf} ({n})" for leaf, n in counts.items())
 
 
 def inject_lora(
@@ -159,8 +128,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def merge_lora(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
-        layer.merge()
+    for name, layer in lora_layers(model):
+        layer.merge(name)
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -183,31 +152,13 @@ def unwrap_lora(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     merged in place, in their own dtype.
     """
     for name, layer in list(lora_layers(model)):
-        if hasattr(layer.base_layer, "dequantized_weight"):
-            wrap_layer(model, name, merged_linear(layer, dtype or torch.float32))
+        base = layer.base_layer
+        if isinstance(base, QuantizedLinear):  # never merged in place (LoRALinear.merge refuses)
+            weight = merged_weight(base.dequantized_weight(torch.float32), [layer.factor()], name)  # (out, in)
+            wrap_layer(model, name, base.to_linear(dtype or torch.float32, weight))
         else:
-            layer.merge()
-            wrap_layer(model, name, layer.base_layer)
-
-
-@torch.no_grad()
-def merged_linear(layer: LoRALinear, dtype: torch.dtype = torch.float32) -> nn.Linear:
-    """A plain nn.Linear holding dequant(W) + B A * scaling, computed in fp32, stored in `dtype`."""
-    base = layer.base_layer
-    weight = base.dequantized_weight(torch.float32)  # (out, in)
-    if not layer.merged:
-        weight = weight + layer.delta_weight()
-    if not torch.isfinite(weight).all():
-        raise LorakitError("merging would put NaN/inf into the weight; the adapter is broken")
-    bias = getattr(base, "bias", None)
-    out = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
-    out.weight.copy_(weight.to(dtype))
-    if bias is not None:
-        out.bias.copy_(bias.to(dtype))
-    out.weight.requires_grad_(False)
-    if out.bias is not None:
-        out.bias.requires_grad_(False)
-    return out
+            layer.merge(name)
+            wrap_layer(model, name, base)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -215,8 +166,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
-        if hasattr(module, "dequantized_weight") and hasattr(module, "in_features"):
-            total += int(module.in_features) * int(module.out_features)
+        if isinstance(module, QuantizedLinear):
+            total += module.in_features * module.out_features
     return trainable, total
 
 

@@ -11,13 +11,15 @@ its updates to bf16; merging is computed in fp32 and written back in the base's 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear, is_conv1d
 
 Init = Literal["kaiming", "gaussian"]
 
@@ -29,71 +31,135 @@ def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
     """
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features, False
-    if _is_conv1d(layer):
+    if is_conv1d(layer):
         in_f, out_f = layer.weight.shape  # Conv1D: (nx, nf)
         return int(in_f), int(out_f), True
-    if hasattr(layer, "in_features") and hasattr(layer, "dequantized_weight"):
-        return int(layer.in_features), int(layer.out_features), False  # lorakit.quant layers
+    if isinstance(layer, QuantizedLinear):
+        return layer.in_features, layer.out_features, False
     raise LorakitError(
         f"LoRA cannot wrap a {type(layer).__name__}; target linear layers (nn.Linear, GPT-2 Conv1D)"
     )
 
 
-def _is_conv1d(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+class LoRASpec(NamedTuple):
+    """How one pass computes a LoRA path (LoRALinear.spec says it for a layer)."""
+
+    scaling: float
+    p: float  # dropout probability on the path's input in this pass (0 outside training)
+    compute_dtype: torch.dtype  # autocast's dtype when it is on, else the adapter's (fp32)
+
+
+def lora_delta_forward(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, spec: LoRASpec
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """delta = (dropout(x) @ A^T @ B^T) * scaling in the compute dtype; returns (delta, mask, u = dropout(x) A^T).
+
+    The one LoRA forward (LoRALinear and the fused SwiGLU MLP call it). The dropout mask is a
+    1-byte bool (None without dropout): backward recomputes dropout(x) from x and the mask
+    instead of keeping it, 4 bytes per input element per layer less in fp32, while x itself is
+    usually alive anyway (the norm's output, shared by q/k/v). Measured on SmolLM2-135M
+    (bench/BENCHMARKS.md): the training peak drops without a speed cost.
+    """
+    # x (..., in); lora_a (r, in); lora_b (out, r)
+    scaling, p, cdt = spec
+    xc = x.to(cdt)
+    keep = 1.0 - p
+    mask = (torch.rand(x.shape, device=x.device) < keep) if p > 0 else None  # (..., in) bool
+    h = xc * mask * (1.0 / keep) if mask is not None else xc
+    u = h @ lora_a.to(cdt).T  # (..., r)
+    delta = (u @ lora_b.to(cdt).T).mul_(scaling)  # (..., out)
+    return delta, mask, u
+
+
+def lora_delta_backward(
+    grad: torch.Tensor, x: torch.Tensor | None, mask: torch.Tensor | None, u: torch.Tensor,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, spec: LoRASpec, need_x: bool, need_a: bool, need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad x in the compute dtype, grad A, grad B) of lora_delta_forward, each None when not needed.
+
+    `x` may be None when grad A is not needed (it is only used to recompute dropout(x)).
+    """
+    _, p, cdt = spec
+    keep = 1.0 - p
+    g = grad.to(cdt) * spec.scaling  # (..., out)
+    a, b = lora_a.to(cdt), lora_b.to(cdt)
+    g2, u2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
+    grad_b = (g2.T @ u2).to(lora_b.dtype) if need_b else None  # (out, r)
+    gu = g @ b  # (..., r)
+    grad_a = None
+    if need_a:
+        assert x is not None, "grad A needs the path's input"
+        h = x.to(cdt)
+        if mask is not None:
+            h = h * mask * (1.0 / keep)  # dropout(x) again, transient
+        grad_a = (gu.reshape(-1, gu.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(lora_a.dtype)  # (r, in)
+    grad_x = None
+    if need_x:
+        grad_x = gu @ a  # (..., in)
+        if mask is not None:
+            grad_x = grad_x.mul_(mask).mul_(1.0 / keep)
+    return grad_x, grad_a, grad_b
 
 
 class _LoRAPath(torch.autograd.Function):
-    """delta = (dropout(x) @ A^T @ B^T) * scaling, saving x and a 1-byte mask instead of dropout(x).
-
-    The unfused path (nn.Dropout, then two F.linear) keeps each adapted layer's dropped-out
-    input alive for backward: 4 bytes per input element per layer in fp32, though q, k and v
-    share one input. Here the mask is kept as bool and dropout(x) is recomputed in backward,
-    and x itself is usually alive anyway (the norm's output, shared by q/k/v). Measured on
-    SmolLM2-135M (bench/BENCHMARKS.md): the training peak drops without a speed cost.
-    """
+    """The training-time LoRA branch: lora_delta_forward, saving x, the mask and u (not dropout(x))."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scaling, p, compute_dtype):  # type: ignore[override]
-        # x (..., in); lora_a (r, in); lora_b (out, r)
-        xc = x.to(compute_dtype)
-        keep = 1.0 - p
-        mask = (torch.rand(x.shape, device=x.device) < keep) if p > 0 else None  # (..., in) bool
-        h = xc * mask * (1.0 / keep) if mask is not None else xc
-        a, b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
-        u = h @ a.T  # (..., r)
-        out = (u @ b.T).mul_(scaling)  # (..., out)
+    def forward(ctx, x, lora_a, lora_b, spec):  # type: ignore[override]
+        delta, mask, u = lora_delta_forward(x, lora_a, lora_b, spec)
         ctx.save_for_backward(x, mask, u, lora_a, lora_b)
-        ctx.scaling, ctx.keep, ctx.compute_dtype = scaling, keep, compute_dtype
-        return out
+        ctx.spec = spec
+        return delta
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, mask, u, lora_a, lora_b = ctx.saved_tensors
-        cdt = ctx.compute_dtype
-        g = grad.to(cdt) * ctx.scaling  # (..., out)
-        a, b = lora_a.to(cdt), lora_b.to(cdt)
-        g2, u2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
-        grad_b = (g2.T @ u2).to(lora_b.dtype) if ctx.needs_input_grad[2] else None  # (out, r)
-        gu = g @ b  # (..., r)
-        grad_a = None
-        if ctx.needs_input_grad[1]:
-            h = x.to(cdt)
-            if mask is not None:
-                h = h * mask * (1.0 / ctx.keep)  # dropout(x) again, transient
-            grad_a = (gu.reshape(-1, gu.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(lora_a.dtype)  # (r, in)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gu @ a  # (..., in)
-            if mask is not None:
-                grad_x = grad_x * mask * (1.0 / ctx.keep)
-            grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None, None
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_a, grad_b = lora_delta_backward(grad, x, mask, u, lora_a, lora_b, ctx.spec, need_x, need_a, need_b)
+        return None if grad_x is None else grad_x.to(x.dtype), grad_a, grad_b, None
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """The update's multiplier: alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass(frozen=True)
+class LoRAFactor:
+    """One adapter's update of one layer, scaling * B @ A: what merging adds to the base weight."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float  # lora_scaling(alpha, r), times any strength multiplier
+    adapter: str = ""  # the adapter's directory, for messages ("" for one in memory)
+    module: str = ""  # the layer's path in the model ("" when the caller knows it)
+
+    def delta(self, fan_in_fan_out: bool = False) -> torch.Tensor:
+        """scaling * B @ A in fp32: (out, in), or (in, out) for a GPT-2 Conv1D weight."""
+        delta = (self.B.float() @ self.A.float()) * self.scaling  # (out, in)
+        return delta.T if fan_in_fan_out else delta
+
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, factors: Sequence[LoRAFactor], name: str,
+                  fan_in_fan_out: bool = False) -> torch.Tensor:
+    """weight + the factors' updates, in fp32: the one merge (LoRALinear.merge, unwrap_lora, `lorakit merge`).
+
+    `weight` is the fp32 base weight of layer `name`, left unchanged. An update of the wrong shape
+    or a sum with NaN/inf is refused, naming the adapter and the layer.
+    """
+    merged = weight
+    for f in factors:
+        delta = f.delta(fan_in_fan_out)
+        source = f"adapter {f.adapter}" if f.adapter else "the adapter"
+        if delta.shape != merged.shape:
+            raise LorakitError(f"{source}: {name} has an update of shape {tuple(delta.shape)} but the layer's "
+                               f"weight is {tuple(merged.shape)}; the adapter belongs to another model")
+        merged = merged + delta.to(merged.device)
+        if not torch.isfinite(merged).all():
+            raise LorakitError(f"merging {source} into {name} gives NaN/inf; the adapter is broken "
+                               "(check its training run for a diverged loss)")
+    return merged
 
 
 def _init_lora_a(weight: torch.Tensor, init: Init, r: int) -> None:
@@ -132,7 +198,6 @@ class LoRALinear(nn.Module):
         self.fan_in_fan_out = fan_in_fan_out
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scale = 1.0  # strength multiplier at inference (set_scale); training leaves it at 1
-        self.scaling = lora_scaling(self.alpha, r, use_rslora)
         device = _device_of(base_layer)
         self.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=torch.float32)  # (r, in)
         self.lora_B = nn.Linear(r, out_f, bias=False, device=device, dtype=torch.float32)  # (out, r)
@@ -148,31 +213,39 @@ class LoRALinear(nn.Module):
             if self.merged and self.disabled:
                 raise LorakitError("cannot switch off a merged LoRA layer; unmerge it first")
             return y
+        spec = self.spec(x.device.type)
         if torch.is_grad_enabled() and (x.requires_grad or self.lora_A.weight.requires_grad):
-            p = float(self.lora_dropout.p) if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-            device = x.device.type
-            cdt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.weight.dtype
-            delta = _LoRAPath.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p, cdt)
-            return y + delta.to(y.dtype)
-        h = self.lora_dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(self.lora_A.weight.dtype)
-        delta = F.linear(F.linear(h, self.lora_A.weight), self.lora_B.weight)  # (..., out)
-        return y + (delta * self.scaling).to(y.dtype)
+            delta = _LoRAPath.apply(x, self.lora_A.weight, self.lora_B.weight, spec)
+        else:  # no graph to keep: nn.Dropout draws the mask, so a seeded run's random stream is unchanged
+            delta = lora_delta_forward(self.lora_dropout(x), self.lora_A.weight, self.lora_B.weight,
+                                       spec._replace(p=0.0))[0]
+        return y + delta.to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """(B @ A) * scaling in fp32, in the base weight's layout."""
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
-        return delta.T if self.fan_in_fan_out else delta
+    @property
+    def dropout(self) -> float:
+        """The dropout probability on the LoRA path's input, as configured (and saved)."""
+        return float(self.lora_dropout.p) if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
-    def merge(self) -> None:
-        """Fold the update into the base weight. Safe to call twice."""
+    def spec(self, device_type: str) -> LoRASpec:
+        """This pass's scaling, dropout (only in training) and compute dtype (autocast's when it is on)."""
+        on = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if on else self.lora_A.weight.dtype
+        return LoRASpec(self.scaling, self.dropout if self.training else 0.0, compute_dtype)
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r (alpha / sqrt(r) with rsLoRA) times the inference scale."""
+        return lora_scaling(self.alpha, self.r, self.use_rslora) * self.scale
+
+    def factor(self) -> LoRAFactor:
+        return LoRAFactor(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def merge(self, name: str = "this LoRA layer") -> None:
+        """Fold the update into the base weight (`name`: the layer's path, for errors). Safe to call twice."""
         if self.merged:
             return
         weight = self._base_weight("merge")
-        merged = weight.data.float() + self.delta_weight()
-        if not torch.isfinite(merged).all():
-            raise LorakitError("merging would put NaN/inf into the base weight; the adapter is broken")
+        merged = merged_weight(weight.data.float(), [self.factor()], name, self.fan_in_fan_out)
         weight.data.copy_(merged.to(weight.dtype))
         self.merged = True
 
@@ -181,7 +254,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self._base_weight("unmerge")
-        weight.data.copy_((weight.data.float() - self.delta_weight()).to(weight.dtype))
+        weight.data.copy_((weight.data.float() - self.factor().delta(self.fan_in_fan_out)).to(weight.dtype))
         self.merged = False
 
     def set_scale(self, scale: float) -> None:
@@ -198,13 +271,12 @@ class LoRALinear(nn.Module):
         merged = self.merged
         self.unmerge()
         self.scale = float(scale)
-        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora) * self.scale
         if merged:
             self.merge()
 
     def _base_weight(self, what: str) -> nn.Parameter:
         weight = getattr(self.base_layer, "weight", None)
-        if not isinstance(weight, torch.Tensor) or hasattr(self.base_layer, "dequantized_weight"):
+        if not isinstance(weight, torch.Tensor) or isinstance(self.base_layer, QuantizedLinear):
             raise LorakitError(
                 f"cannot {what} into a quantized base layer in place; "
                 "use `lorakit merge`, which dequantizes and writes full precision"

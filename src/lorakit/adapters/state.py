@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from lorakit.adapters.inject import freeze_base, linear_layer_names, lora_layers
 from lorakit.adapters.lora import LoRALinear
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
+from lorakit.models.quantized import QuantSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +50,7 @@ class AdapterInfo:
     modules: list[str]
     num_params: int
     file_bytes: int
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: AdapterMeta | None = None  # lorakit.json; None for a PEFT-made adapter
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,10 +88,13 @@ def save_adapter(
     model: nn.Module,
     directory: str | Path,
     base_model_name_or_path: str | None = None,
-    meta: dict[str, Any] | None = None,
+    meta: AdapterMeta | Mapping[str, Any] | None = None,
     overwrite: bool = True,
 ) -> Path:
-    """Write the model's LoRA adapters to `directory` in PEFT's format, atomically."""
+    """Write the model's LoRA adapters to `directory` in PEFT's format, atomically.
+
+    `meta` (lorakit.json) may be given as a mapping of its keys; it is checked as reading checks it.
+    """
     layers = list(lora_layers(model))
     if not layers:
         raise LorakitError("the model has no LoRA adapters to save; inject or load one first")
@@ -103,7 +108,7 @@ def save_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "r": first.r,
         "lora_alpha": first.alpha,
-        "lora_dropout": _dropout_p(first),
+        "lora_dropout": first.dropout,
         "target_modules": peft_target_modules(model, names),
         "use_rslora": first.use_rslora,
         "fan_in_fan_out": first.fan_in_fan_out,
@@ -119,18 +124,16 @@ def save_adapter(
         config["rank_pattern"] = {re.escape(n): layer.r for n, layer in layers if layer.r != first.r}
         config["alpha_pattern"] = {re.escape(n): layer.alpha for n, layer in layers if layer.alpha != first.alpha}
     directory = Path(directory)
+    if meta and not isinstance(meta, AdapterMeta):
+        meta = AdapterMeta.from_dict(dict(meta), directory / LORAKIT_META)
     weights = adapter_state_dict(model)
     require_finite(weights, f"not writing adapter {directory}")
     with atomic_dir(directory, overwrite=overwrite) as tmp:
         save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
         if meta:
-            atomic_write_text(tmp / LORAKIT_META, json.dumps(meta, indent=2, default=str) + "\n")
+            write_adapter_meta(tmp, meta)
     return directory
-
-
-def _dropout_p(layer: LoRALinear) -> float:
-    return float(getattr(layer.lora_dropout, "p", 0.0))
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
@@ -200,38 +203,123 @@ def _config_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
-_META_TYPES: dict[str, tuple[type, ...]] = {
-    "base_model": (str,), "template": (str,), "system_prompt": (str,), "method": (str,), "quantization": (dict,),
-    "max_length": (int,), "base_model_revision": (str,),
-}
+_META_TYPES: dict[str, type] = {"max_length": int, "quantization": dict}  # AdapterMeta's other fields are strings
 
 
-def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
-    """The adapter's lorakit.json: {} when absent (a PEFT-made adapter); one-line error when damaged.
+@dataclass
+class AdapterMeta:
+    """lorakit.json: what reloading an adapter needs beside PEFT's files (its base, template, quantized base).
 
-    A damaged file is never read as {}: that would load a QLoRA adapter onto an unquantized base.
+    Written next to every adapter training saves; a PEFT-made adapter has none (read_adapter_meta
+    gives None). The file holds these keys in this order, then `extra` (a checkpoint's step,
+    adapter-best's eval_loss or best metric) as written.
+    """
+
+    lorakit_version: str | None = None
+    base_model: str | None = None
+    method: str | None = None  # lora | qlora | full
+    template: str | None = None
+    system_prompt: str | None = None
+    max_length: int | None = None
+    quantization: dict[str, Any] | None = None  # what load_model quantized: method, blocksize, double_quant, ...
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> AdapterMeta:
+        """Validated: a wrong type or quantization is a one-line error naming `path`, never guessed around."""
+        if not isinstance(data, dict):
+            raise LorakitError(f"{path} holds {type(data).__name__}, not a JSON object; the adapter's metadata is damaged")
+        names = [f.name for f in fields(cls) if f.name != "extra"]
+        for key in names:
+            want = _META_TYPES.get(key, str)
+            if data.get(key) is not None and not isinstance(data[key], want):
+                raise LorakitError(f"{path}: {key} is {data[key]!r}, expected {want.__name__}; the metadata is damaged")
+        q = data.get("quantization")
+        if q is not None and q.get("method") not in ("nf4", "int8"):
+            raise LorakitError(f"{path}: quantization.method is {q.get('method')!r}, expected nf4 or int8; "
+                               "the metadata is damaged")
+        if q is not None and q.get("method") == "nf4" and q.get("blocksize", 64) not in (32, 64, 128, 256):
+            raise LorakitError(f"{path}: quantization.blocksize is {q.get('blocksize')!r}, expected 32, 64, 128 or 256")
+        revision = data.get("base_model_revision")
+        if revision is not None and not isinstance(revision, str):
+            raise LorakitError(f"{path}: base_model_revision is {revision!r}, expected a commit string; "
+                               "the metadata is damaged")
+        return cls(**{k: data.get(k) for k in names}, extra={k: v for k, v in data.items() if k not in names})
+
+    @property
+    def base_revision(self) -> str | None:
+        """The hub commit of the base model training loaded (None for a local or builtin base)."""
+        return self.extra.get("base_model_revision")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**values, **self.extra}
+
+    def quant_spec(self, compute_dtype: torch.dtype | None = None) -> QuantSpec | None:
+        """The quantized base the adapter was trained on, for load_model (None: a full-precision base).
+
+        `compute_dtype` None: the recorded one (bfloat16 / float16, else fp32).
+        """
+        q = self.quantization
+        if not q:
+            return None
+        if compute_dtype is None:
+            compute_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(q.get("compute_dtype"),
+                                                                                       torch.float32)
+        return QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), compute_dtype)
+
+
+@dataclass(frozen=True)
+class BaseChoice:
+    """The base model to load adapters on: what the user named, or what the adapters record."""
+
+    name: str
+    revision: str | None = None
+    """The hub commit the adapters were trained on (lorakit.json's base_model_revision)."""
+    cache_only: bool = False
+    """True when the name came from the adapters: a hub model is then taken from the local cache only,
+    never downloaded because an adapter file says so."""
+
+
+def base_model_of(adapters: list[Path] | list[str], model: str | None = None) -> BaseChoice | None:
+    """`model` (with the recorded commit when it names the adapters' base), else the one base all the
+    adapters record; None when they record none or different ones (the caller asks for --model)."""
+    recorded = []
+    for adapter in adapters:
+        meta = read_adapter_meta(adapter)
+        recorded.append((read_adapter_config(adapter).get("base_model_name_or_path"), meta.base_revision if meta else None))
+    if model is not None:
+        commits = {rev for name, rev in recorded if name == model and rev}
+        return BaseChoice(model, commits.pop() if len(commits) == 1 else None, cache_only=False)
+    names = {name for name, _ in recorded}
+    if len(names) != 1 or None in names:
+        return None
+    commits = {rev for _, rev in recorded if rev}
+    if len(commits) > 1:
+        raise LorakitError(f"the adapters were trained on different commits of {recorded[0][0]} "
+                           f"({', '.join(sorted(commits))}); load them one at a time, or pass --model")
+    return BaseChoice(str(recorded[0][0]), commits.pop() if commits else None, cache_only=True)
+
+
+def read_adapter_meta(directory: str | Path) -> AdapterMeta | None:
+    """The adapter's lorakit.json: None when absent (a PEFT-made adapter); one-line error when damaged.
+
+    A damaged file is never read as absent: that would load a QLoRA adapter onto an unquantized base.
     """
     path = Path(directory) / LORAKIT_META
     if not path.exists():
-        return {}
+        return None
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # JSON and UTF-8 errors are ValueErrors
         raise LorakitError(f"{path} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
                            "the adapter's metadata is damaged: restore it from the run's checkpoints/ or "
                            "delete it to treat the adapter as a plain PEFT adapter") from err
-    if not isinstance(meta, dict):
-        raise LorakitError(f"{path} holds {type(meta).__name__}, not a JSON object; the adapter's metadata is damaged")
-    for key, types in _META_TYPES.items():
-        if meta.get(key) is not None and not isinstance(meta[key], types):
-            raise LorakitError(f"{path}: {key} is {meta[key]!r}, expected {types[0].__name__}; the metadata is damaged")
-    q = meta.get("quantization")
-    if q is not None and q.get("method") not in ("nf4", "int8"):
-        raise LorakitError(f"{path}: quantization.method is {q.get('method')!r}, expected nf4 or int8; "
-                           "the metadata is damaged")
-    if q is not None and q.get("method") == "nf4" and q.get("blocksize", 64) not in (32, 64, 128, 256):
-        raise LorakitError(f"{path}: quantization.blocksize is {q.get('blocksize')!r}, expected 32, 64, 128 or 256")
-    return meta
+    return AdapterMeta.from_dict(data, path)
+
+
+def write_adapter_meta(directory: Path, meta: AdapterMeta) -> None:
+    atomic_write_text(directory / LORAKIT_META, json.dumps(meta.to_dict(), indent=2, default=str) + "\n")
 
 
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -252,12 +340,12 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a path suffix by regex."""
-    for pattern, value in patterns.items():
+def layer_alpha(config: dict[str, Any], name: str) -> float:
+    """The adapter's alpha for layer `name`: PEFT's alpha_pattern (a key matches a path suffix by regex), else lora_alpha."""
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
+            return float(value)
+    return float(config.get("lora_alpha", 8))
 
 
 def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = False) -> AdapterInfo:
@@ -265,7 +353,7 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
-    modules = _modules_in(weights, directory)
+    modules = adapted_modules(weights, directory)
     present = set(linear_layer_names(model))
     missing = [m for m in modules if m not in present]
     if missing:
@@ -274,19 +362,17 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
             f"adapter {directory} adapts {len(missing)} module(s) this model does not have "
             f"(e.g. {missing[0]}); it was trained on base model {base}: load it on that model"
         )
-    alpha = float(config.get("lora_alpha", 8))
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0)) if trainable else 0.0
     for name in modules:
         a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"]
         b = weights[f"{PEFT_PREFIX}{name}.lora_B.weight"]
         r = int(a.shape[0])
-        layer_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, alpha))
         existing = model.get_submodule(name)
         if isinstance(existing, LoRALinear):
             layer = existing
         else:
-            layer = LoRALinear(existing, r, layer_alpha, dropout, use_rslora)
+            layer = LoRALinear(existing, r, layer_alpha(config, name), dropout, use_rslora)
             wrap_layer(model, name, layer)
         expect_a = (layer.r, layer.in_features)
         expect_b = (layer.out_features, layer.r)
@@ -306,7 +392,8 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     return adapter_info(directory, config, weights)
 
 
-def _modules_in(weights: dict[str, torch.Tensor], directory: Path) -> list[str]:
+def adapted_modules(weights: dict[str, torch.Tensor], directory: Path) -> list[str]:
+    """The module paths an adapter's weights adapt (each with lora_A and lora_B); anything else is refused."""
     modules, unknown = [], []
     for key in weights:
         if key.startswith(PEFT_PREFIX) and key.endswith(".lora_A.weight"):
@@ -344,7 +431,7 @@ def adapter_info(
         dropout=float(config.get("lora_dropout", 0.0)),
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=config.get("target_modules") or [],
-        modules=_modules_in(weights, directory),
+        modules=adapted_modules(weights, directory),
         num_params=sum(t.numel() for t in weights.values()),
         file_bytes=file_bytes,
         meta=meta,

@@ -25,6 +25,7 @@ Padding differs by kind:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,3 +120,8 @@ def _prefix_block_mask(rows: list[Item], width: int) -> torch.Tensor:
     into_prefix = (seg[:, None, :] == 0) & ~pad[:, :, None]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     return ((same | into_prefix) & causal)[:, None]
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device` (other values as they are)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -9,15 +9,17 @@ they can all be shown at once.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lorakit.config import DataConfig
-from lorakit.data.formats import detect_format, load_records, record_meta, to_example
-from lorakit.data.packing import pack_examples, real_token_fraction, shared_prefix_length
-from lorakit.data.templates import control_strings, find_control, render, resolve_template
+from lorakit.data.formats import detect_format, record_meta, to_example
+from lorakit.data.packing import PackedSequence, pack_examples, real_token_fraction, shared_prefix_length
+from lorakit.data.readers import Record, iter_records
+from lorakit.data.templates import Rendered, control_strings, find_control, render, resolve_template
 from lorakit.data.tokenize import TokenizedExample, tokenize_examples
 from lorakit.errors import DataError, LorakitError
 
@@ -62,6 +64,9 @@ class DataBundle:
     eval: list[TokenizedExample]
     test: list[TokenizedExample]
     stats: DataStats
+    packed: list[PackedSequence] | None = None
+    """The train examples packed with stats.shared_prefix (when packing is on): packed once, for the
+    statistics and for training."""
 
 
 def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> DataBundle:
@@ -93,24 +98,56 @@ def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBun
         stats.examples[name] = len(examples)
         stats.tokens[name] = sum(len(x.input_ids) for x in examples)
         stats.trained_tokens[name] = sum(x.num_trained for x in examples)
+    packed = None
     if cfg.packing:
         stats.shared_prefix = shared_prefix_length(splits["train"]) if cfg.share_prefix else 0
         packed = pack_examples(splits["train"], cfg.max_length, seed, stats.shared_prefix)
         stats.real_token_fraction = real_token_fraction(packed, cfg.max_length)
         stats.packed_tokens = sum(len(p.input_ids) for p in packed)
-    return DataBundle(splits["train"], splits["eval"], splits["test"], stats)
+    return DataBundle(splits["train"], splits["eval"], splits["test"], stats, packed)
+
+
+CHUNK_ROWS = 1024  # rows rendered and tokenized at a time: the raw rows of a large file are never all in memory
 
 
 def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, strict: bool) -> list[TokenizedExample]:
-    """One file's examples, tokenized; its problems are added to `stats`."""
-    records = load_records(path)
-    fmt = detect_format(records, path) if cfg.format == "auto" else cfg.format
+    """One file's examples, tokenized; its problems are added to `stats`.
+
+    The file is streamed: rows are read, rendered and tokenized CHUNK_ROWS at a time, and each
+    rendered text is cut to `char_cap` characters first, so a megabyte row costs what
+    `max_length` tokens of it can use, not a tokenization of the whole row.
+    """
+    rows = iter_records(path)
+    head = list(itertools.islice(rows, 5))  # what format detection looks at
     template = resolve_template(cfg.template, tokenizer)
-    controls = control_strings(template, tokenizer)
+    file = _File(path, detect_format(head, path) if cfg.format == "auto" else cfg.format, template,
+                 control_strings(template, tokenizer), char_cap(tokenizer, cfg.max_length), strict)
+    kept: list[TokenizedExample] = []
+    numbered = enumerate(itertools.chain(head, rows), 1)
+    while chunk := list(itertools.islice(numbered, CHUNK_ROWS)):
+        kept += _load_chunk(chunk, file, cfg, tokenizer, stats)
+    return kept
+
+
+@dataclass(frozen=True)
+class _File:
+    """What every chunk of one file is read with."""
+
+    path: str
+    fmt: str
+    template: str
+    controls: Any
+    cap: int
+    strict: bool
+
+
+def _load_chunk(chunk: list[tuple[int, Record]], file: _File, cfg: DataConfig, tokenizer: Any,
+                stats: DataStats) -> list[TokenizedExample]:
+    path, fmt, template, strict = file.path, file.fmt, file.template, file.strict
     rows, examples, rendered = [], [], []
-    for row, record in enumerate(records, 1):
+    for row, record in chunk:
         example = to_example(record, fmt, row, path)
-        found = find_control(example, controls)
+        found = find_control(example, file.controls)
         if found:
             problem = (f"{path} row {row}: the {found[0]} text contains {found[1]!r}, a special token of the "
                        f"{template} template or tokenizer; it would change the conversation and its loss mask, "
@@ -118,17 +155,16 @@ def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, stri
             stats.special_tokens += _problem(stats, problem, strict)
             continue
         try:
-            rendered.append(render(example, template, tokenizer, cfg.system_prompt))
+            rendered.append(cut_rendered(render(example, template, tokenizer, cfg.system_prompt), file.cap))
         except LorakitError as err:
             raise DataError(f"{path} row {row}: {err}") from err
-        rows.append(row)
+        rows.append((row, record))
         examples.append(example)
-    tokenized = tokenize_examples(rendered, tokenizer, cfg.max_length)
     kept = []
-    for row, example, tok in zip(rows, examples, tokenized):
+    for (row, record), example, tok in zip(rows, examples, tokenize_examples(rendered, tokenizer, cfg.max_length)):
         tok.row, tok.source = row, str(path)
         if isinstance(example, str):
-            tok.text, tok.meta = example, record_meta(records[row - 1], fmt)
+            tok.text, tok.meta = example, record_meta(record, fmt)
         else:
             tok.messages, tok.meta = example.messages, example.meta
         stats.lengths.append(len(tok.input_ids) + tok.cut)
@@ -140,6 +176,27 @@ def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, stri
             continue
         kept.append(tok)
     return kept
+
+
+def char_cap(tokenizer: Any, max_length: int) -> int:
+    """Characters of a rendered row worth tokenizing when only its first `max_length` tokens are kept.
+
+    No token of the vocabulary spells more characters than its longest entry (byte-level BPE and
+    SentencePiece store one character per byte or character of text; added tokens are listed too),
+    so `max_length` tokens never reach past max_length * longest characters. Twice that, and at
+    least 32,768, leaves a wide margin for a tokenizer whose normaliser drops characters, and for
+    the last word before the cut to tokenize as it would in the whole text.
+    """
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=16)
+    return max(32_768, 2 * max_length * max(longest, 1))
+
+
+def cut_rendered(r: Rendered, cap: int) -> Rendered:
+    """`r` with its text cut to `cap` characters and its trained spans clipped to the cut."""
+    if len(r.text) <= cap:
+        return r
+    spans = [(s, min(e, cap)) for s, e in r.train_spans if s < cap]
+    return Rendered(r.text[:cap], spans, r.eos)
 
 
 def _problem(stats: DataStats, problem: str, strict: bool) -> int:

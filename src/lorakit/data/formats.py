@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.readers import Record, load_records
-from lorakit.errors import DataError
+from lorakit.errors import DataError, LorakitError
 
-__all__ = ["FORMATS", "Conversation", "Message", "detect_format", "load_records", "record_meta", "to_example"]
+__all__ = ["FORMATS", "Conversation", "Message", "detect_format", "load_prompts", "load_records", "record_meta",
+           "to_example"]
 
 Message = dict[str, str]
 
@@ -65,10 +66,17 @@ def record_meta(record: Record, fmt: str) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in required and k not in optional}
 
 
-def to_example(record: Record, fmt: str, row: int, path: str | Path) -> Conversation | str:
-    """Row `row` (1-based) of `path` as a Conversation, or a string for the text format."""
+def to_example(record: Record, fmt: str, row: int, path: str | Path, answer: bool = True) -> Conversation | str:
+    """Row `row` (1-based) of `path` as a Conversation, or a string for the text format.
+
+    answer=False reads a row that only asks (`load_prompts`): alpaca's output and prompt/completion's
+    completion are not needed, a chat need not hold an assistant turn, and the conversation ends
+    before any last answer.
+    """
     where = f"{path} row {row}"
     required, optional = FORMATS[fmt]
+    if not answer and fmt in ("alpaca", "prompt_completion"):
+        required, optional = required[:1], required[1:] + optional  # the answer column becomes optional
     for column in required:
         if column not in record:
             raise DataError(f"{where}: missing column {column!r} ({fmt} format needs "
@@ -85,26 +93,61 @@ def to_example(record: Record, fmt: str, row: int, path: str | Path) -> Conversa
             user = f"{user}\n\n{extra}"
         system = _string(record.get("system") or "", where, "system")
         messages = [{"role": "system", "content": system}] if system.strip() else []
-        messages += [{"role": "user", "content": user},
-                     {"role": "assistant", "content": _answer(record["output"], where, "output")}]
+        messages.append({"role": "user", "content": user})
+        if answer:
+            messages.append({"role": "assistant", "content": _answer(record["output"], where, "output")})
     elif fmt == "prompt_completion" and isinstance(record["prompt"], list):
         # TRL's conversational prompt/completion: both columns are lists of chat messages.
         role_map = {r: r for r in ROLES}
-        prompt = _turns(record["prompt"], where, "prompt", "role", "content", role_map, need_answer=False)
-        completion = _turns(record["completion"], where, "completion", "role", "content", role_map)
-        if not completion or any(m["role"] != "assistant" for m in completion):
-            raise DataError(f"{where}: column 'completion' must hold assistant messages only")
-        messages = prompt + completion
+        messages = _turns(record["prompt"], where, "prompt", "role", "content", role_map, need_answer=False)
+        if answer:
+            completion = _turns(record["completion"], where, "completion", "role", "content", role_map)
+            if not completion or any(m["role"] != "assistant" for m in completion):
+                raise DataError(f"{where}: column 'completion' must hold assistant messages only")
+            messages += completion
     elif fmt == "prompt_completion":
-        messages = [{"role": "user", "content": _string(record["prompt"], where, "prompt")},
-                    {"role": "assistant", "content": _answer(record["completion"], where, "completion")}]
+        messages = [{"role": "user", "content": _string(record["prompt"], where, "prompt")}]
+        if answer:
+            messages.append({"role": "assistant", "content": _answer(record["completion"], where, "completion")})
     elif fmt == "messages":
-        messages = _turns(record["messages"], where, "messages", "role", "content", {r: r for r in ROLES})
+        messages = _turns(record["messages"], where, "messages", "role", "content", {r: r for r in ROLES}, answer)
     elif fmt == "sharegpt":
-        messages = _turns(record["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
+        messages = _turns(record["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES, answer)
     else:
         raise DataError(f"{where}: unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not answer and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]  # the answer the row holds is generated anew
     return Conversation(messages, record_meta(record, fmt))
+
+
+def load_prompts(path: str | Path) -> list[list[Message] | str]:
+    """What `lorakit generate --file` asks, row by row: a `prompt` string as is; a `messages` list (up to a
+    last assistant turn) or an alpaca `instruction` (+ input, under its own `system`) as a conversation.
+
+    An alpaca row without a system column stays the plain string it always was.
+    """
+    prompts: list[list[Message] | str] = []
+    for row, record in enumerate(load_records(str(path)), start=1):
+        if isinstance(record.get("messages"), list):
+            prompts.append(_as_prompt(to_example(record, "messages", row, path, answer=False)))
+        elif isinstance(record.get("prompt"), str):
+            prompts.append(record["prompt"])
+        elif isinstance(record.get("instruction"), str):
+            prompts.append(_as_prompt(to_example(record, "alpaca", row, path, answer=False), plain=True))
+        else:
+            raise LorakitError(f"{path} row {row}: needs a 'prompt' string, 'messages' list or 'instruction'; "
+                               f"it has {', '.join(map(str, record)) or 'no columns'}")
+    if not prompts:
+        raise LorakitError(f"{path} holds no prompts")
+    return prompts
+
+
+def _as_prompt(example: Conversation | str, plain: bool = False) -> list[Message] | str:
+    """The example's messages; with plain=True a lone user message as its text."""
+    assert isinstance(example, Conversation)
+    if plain and [m["role"] for m in example.messages] == ["user"]:
+        return example.messages[0]["content"]
+    return example.messages
 
 
 def _string(value: Any, where: str, column: str) -> str:

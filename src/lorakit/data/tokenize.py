@@ -2,7 +2,7 @@
 
 Label convention: `labels` are aligned with `input_ids`, NOT pre-shifted. `labels[t]` is
 `input_ids[t]` where token t is trained and -100 elsewhere; the loss shifts, so the hidden
-state at position t is scored against `labels[t + 1]` (see `lorakit.train.loss`). A label
+state at position t is scored against `labels[t + 1]` (see `lorakit.losses`). A label
 at position 0 therefore never counts, and `num_trained` counts only `labels[1:]`.
 
 Tokens are encoded with `add_special_tokens=False`: templates own their special tokens
@@ -21,7 +21,7 @@ import numpy as np
 from lorakit.data.templates import Rendered
 from lorakit.errors import DataError
 
-IGNORE = -100
+IGNORE = -100  # the label of a position not trained (cross_entropy's ignore_index); the one definition
 _CHUNK = 512  # texts per tokenizer call: the Rust tokenizer parallelises within a call
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from lorakit.adapters.inject import scale_lora
 from rich.text import Text
@@ -19,6 +19,9 @@ from lorakit.eval.generate import GenerationSettings, InferenceModel, load_for_i
 from lorakit.eval.metrics import DEFAULT_REFUSAL, RefusalMatcher, check_metrics
 from lorakit.eval.runner import EvalSet, load_eval_set
 from lorakit.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from lorakit.adapters.state import AdapterMeta, BaseChoice
 
 
 @dataclass
@@ -107,20 +110,20 @@ def generation_progress(console: Any, total: int, label: str) -> Iterator[Any]:
         yield lambda n: bar.advance(task, n)
 
 
-def _load(model: str | None, adapter: Path | None, opts: EvalOptions, like: dict[str, Any] | None = None
+def _load(model: str | BaseChoice | None, adapter: Path | None, opts: EvalOptions, like: AdapterMeta | None = None
           ) -> InferenceModel:
     """`like`: the template and system prompt to ask in (a base model is asked as its adapter was trained)."""
     im = load_for_inference(model, adapter, opts.dtype, trust_remote_code=opts.trust_remote_code)
-    if like:
-        im.template = like.get("template") or im.template
-        im.system_prompt = like.get("system_prompt", im.system_prompt)
+    if like is not None:
+        im.template = like.template or im.template
+        im.system_prompt = like.system_prompt if like.system_prompt is not None else im.system_prompt
     if opts.system is not None:
         im.system_prompt = opts.system
     return im
 
 
-def _evaluate(model: str | None, adapter: Path | None, label: str, sets: list[EvalSet], opts: EvalOptions,
-              text: str | None, console: Any, like: dict[str, Any] | None = None) -> ModelResult:
+def _evaluate(model: str | BaseChoice | None, adapter: Path | None, label: str, sets: list[EvalSet], opts: EvalOptions,
+              text: str | None, console: Any, like: AdapterMeta | None = None) -> ModelResult:
     return _run(_load(model, adapter, opts, like), label, sets, opts, text, console)
 
 
@@ -193,18 +196,17 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
     sets = load_sets(list(opts.data) + list(general), opts.limit)
     general_name = sets[-1].name if general else None
     text = opts.text.read_text(encoding="utf-8") if opts.text else None
-    if model is None:  # the base the first adapter records
-        from lorakit.adapters.state import read_adapter_config
+    from lorakit.adapters.state import base_model_of
 
-        model = read_adapter_config(adapters[0]).get("base_model_name_or_path")
-        if not model:
-            raise LorakitError("give --model (the adapter does not record its base model)")
-    results = [_evaluate(model, None, "base", sets, opts, text, console, adapter_meta(adapters[0]))]
+    base = base_model_of(adapters[:1], model)  # the base the first adapter records, at its commit, cached only
+    if base is None:
+        raise LorakitError("give --model (the adapter does not record its base model)")
+    results = [_evaluate(base, None, "base", sets, opts, text, console, adapter_meta(adapters[0]))]
     taken = {"base"}
     runs: dict[str, list[tuple[float, str]]] = {}
     for adapter in adapters:
         name = adapter_label(adapter, taken)
-        im = _load(model, adapter, opts)
+        im = _load(base, adapter, opts)
         scaled = []
         for scale in sorted(strengths, key=lambda s: s != 1.0):  # 1 first: the adapter exactly as loaded
             scale_lora(im.model, scale)  # the update times scale, as `lorakit merge --scale` merges it
@@ -223,8 +225,8 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
     return comparison
 
 
-def adapter_meta(adapter: Path) -> dict[str, Any]:
-    """The adapter's lorakit.json (template, system prompt, quantization), or {} for a PEFT-made adapter."""
+def adapter_meta(adapter: Path) -> AdapterMeta | None:
+    """The adapter's lorakit.json (template, system prompt, quantization), or None for a PEFT-made adapter."""
     from lorakit.adapters.state import read_adapter_meta
 
     return read_adapter_meta(adapter)

@@ -14,12 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear
+
+if TYPE_CHECKING:
+    from lorakit.adapters.state import BaseChoice
 
 Message = dict[str, str]
 
@@ -52,7 +56,7 @@ class InferenceModel:
 
 
 def load_for_inference(
-    model: str | None,
+    model: str | BaseChoice | None,
     adapter: str | Path | None = None,
     dtype: str = "auto",
     device: str = "cpu",
@@ -60,32 +64,33 @@ def load_for_inference(
 ) -> InferenceModel:
     """Base model (+ adapter, on the same quantized base it was trained on), in eval mode.
 
-    The adapter's lorakit.json supplies the template and system prompt used in training.
+    The adapter's lorakit.json supplies the template and system prompt used in training. `model`
+    None: the base the adapter records, at its recorded commit, from the local cache only (a
+    BaseChoice from adapters.state.base_model_of says the same for several adapters).
     """
     from lorakit.adapters import load_adapter
-    from lorakit.adapters.state import read_adapter_config, read_adapter_meta
+    from lorakit.adapters.state import AdapterMeta, BaseChoice, base_model_of, read_adapter_meta
     from lorakit.models.load import load_model
-    from lorakit.models.quantized import QuantSpec
 
-    meta: dict[str, Any] = {}
-    spec = None
+    meta = AdapterMeta()
     if adapter is not None:
-        config = read_adapter_config(adapter)
-        meta = read_adapter_meta(adapter)
-        model = model or config.get("base_model_name_or_path")
-        q = meta.get("quantization")
-        if q:
-            compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(q.get("compute_dtype"), torch.float32)
-            spec = QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), compute)
-    if not model:
+        meta = read_adapter_meta(adapter) or meta
+    if isinstance(model, BaseChoice) or adapter is None:
+        base = BaseChoice(model) if isinstance(model, str) else model
+    else:
+        base = base_model_of([adapter], model)
+    spec = meta.quant_spec()  # the quantized base it was trained on, in its compute dtype
+    if base is None:
         raise LorakitError("give --model (the adapter does not record its base model)")
-    loaded = load_model(model, dtype, device, trust_remote_code, quantization=spec)
+    model = base.name
+    loaded = load_model(model, dtype, device, trust_remote_code, base.revision, quantization=spec,
+                        cache_only=base.cache_only)
     if adapter is not None:
         load_adapter(loaded.model, adapter)
         _merge_if_exact(loaded.model)
     loaded.model.eval()
-    template = meta.get("template") or "auto"
-    return InferenceModel(loaded.model, loaded.tokenizer, template, meta.get("system_prompt"), model,
+    template = meta.template or "auto"
+    return InferenceModel(loaded.model, loaded.tokenizer, template, meta.system_prompt, model,
                           None if adapter is None else str(adapter))
 
 
@@ -100,7 +105,7 @@ def _merge_if_exact(model: nn.Module) -> None:
     from lorakit.adapters.inject import lora_layers, merge_lora
 
     layers = [layer for _, layer in lora_layers(model)]
-    if layers and all(not hasattr(l.base_layer, "dequantized_weight")
+    if layers and all(not isinstance(l.base_layer, QuantizedLinear)
                       and getattr(l.base_layer, "weight", None) is not None
                       and l.base_layer.weight.dtype == torch.float32 for l in layers):
         merge_lora(model)
@@ -227,14 +232,14 @@ def _decode(model: nn.Module, enc: dict[str, Any], settings: GenerationSettings,
         cache = DynamicCache(config=model.config)
     cached = cache.get_seq_length()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = _last_logits_only(model)
+    extra = last_logits_only(model)
     active = torch.arange(input_ids.shape[0], device=input_ids.device)  # batch row -> output row
     out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     step_ids, step_pos = input_ids[:, cached:], positions[:, cached:]
     for _ in range(settings.max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
                        use_cache=True, **extra).logits[:, -1, :].float()
-        nxt = _next_tokens(logits, settings, generator)
+        nxt = next_tokens(logits, settings, generator)
         finished = torch.zeros_like(nxt, dtype=torch.bool)
         for j, (row, token) in enumerate(zip(active.tolist(), nxt.tolist())):
             if token in eos:
@@ -254,14 +259,14 @@ def _decode(model: nn.Module, enc: dict[str, Any], settings: GenerationSettings,
     return out
 
 
-def _last_logits_only(model: nn.Module) -> dict[str, int]:
+def last_logits_only(model: nn.Module) -> dict[str, int]:
     """forward() kwargs for logits at the last position only, where the model supports it."""
     import inspect
 
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
     if settings.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / settings.temperature, dim=-1)
@@ -309,7 +314,7 @@ def _encode(ids: Sequence[Sequence[int]], pad_id: int, device: torch.device, mod
     if p:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=input_ids[:1, :p], past_key_values=cache, use_cache=True, **_last_logits_only(model))
+            model(input_ids=input_ids[:1, :p], past_key_values=cache, use_cache=True, **last_logits_only(model))
         cache.batch_repeat_interleave(len(rows))
         enc["past_key_values"] = cache
     return enc

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from lorakit.config import METRICS
 from lorakit.errors import LorakitError
 
 DEFAULT_REFUSAL = "I can't answer that from the handbook."
@@ -129,21 +130,6 @@ class Target:
     reference: str
     fact: str | None = None
     label: str | None = None
-
-
-METRICS: dict[str, str] = {
-    "exact_match": "normalised answer equals the reference",
-    "token_f1": "token F1 against the reference (SQuAD)",
-    "fact": "the row's `fact` string appears in the answer",
-    "refusal": "the answer is a refusal (configured sentence or pattern)",
-    "label": "the answer is the row's `label`",
-    "rouge1": "ROUGE-1 F against the reference",
-    "rouge2": "ROUGE-2 F against the reference",
-    "rougeL": "ROUGE-L F against the reference",
-    "bleu": "sacreBLEU against the reference (0-100, corpus)",
-    "chrf": "chrF against the reference (0-100, corpus)",
-}
-DEFAULT_METRICS = ["fact", "exact_match", "token_f1", "rougeL", "bleu", "chrf", "refusal"]
 
 
 def check_metrics(names: Sequence[str]) -> list[str]:

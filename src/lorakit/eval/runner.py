@@ -152,7 +152,7 @@ def text_perplexity(im: InferenceModel, text: str, max_length: int = 512, batch_
 
 def _perplexity(im: InferenceModel, batches: list[dict[str, torch.Tensor]],
                 on_batch: Callable[[int], None] | None = None) -> float | None:
-    from lorakit.train.loss import full_loss_sum
+    from lorakit.losses import full_loss_sum
 
     device = next(im.model.parameters()).device
     total, count = 0.0, 0

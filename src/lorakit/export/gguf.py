@@ -198,22 +198,19 @@ def _check_out(path: Path, force: bool, what: str = "--out") -> None:
         raise LorakitError(f"{path} already exists; choose another {what}, or pass --force to replace it")
 
 
-def _inference_model(model: nn.Module, tokenizer: Any, meta: dict[str, Any]) -> Any:
+def _inference_model(model: nn.Module, tokenizer: Any, meta: Any) -> Any:
+    """What lorakit generates with: the adapter's template and system prompt (its AdapterMeta; None: defaults)."""
     from lorakit.eval.generate import InferenceModel
 
-    return InferenceModel(model, tokenizer, meta.get("template") or "auto", meta.get("system_prompt"))
+    return InferenceModel(model, tokenizer, getattr(meta, "template", None) or "auto", getattr(meta, "system_prompt", None))
 
 
 def _load_merged(model_name: str, ref: Any, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     """The base in fp32 (a QLoRA base dequantized) with the adapter, if any, merged in fp32."""
     from lorakit.export.merge import adapter_factors, dequantize_all, merge_factors
     from lorakit.models.load import load_model
-    from lorakit.models.quantized import QuantSpec
 
-    spec = None
-    if ref is not None and ref.meta.get("quantization"):
-        q = ref.meta["quantization"]
-        spec = QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), torch.float32)
+    spec = ref.meta.quant_spec(torch.float32) if ref is not None else None  # the training base, in fp32
     loaded = load_model(model_name, "fp32", trust_remote_code=trust_remote_code, quantization=spec)
     check_exportable(loaded.model)
     if spec is not None:
@@ -252,7 +249,7 @@ def export_gguf(model_name: str | None, out: str | Path, adapter: str | Path | N
     if not model_name:
         raise LorakitError("give --model (the adapter does not record its base model)")
     model, tokenizer = _load_merged(model_name, ref, trust_remote_code)
-    im = _inference_model(model, tokenizer, ref.meta if ref else {})
+    im = _inference_model(model, tokenizer, ref.meta if ref else None)
     text = _modelfile(out, tokenizer, im, model) if modelfile else None  # refused before anything is written
     result = write_gguf(model, tokenizer, out, kind, name=Path(str(model_name)).name, check=_checker(mode, im), pre=pre)
     if text is not None:

@@ -27,31 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.lora import lora_scaling
+from lorakit.adapters.lora import LoRAFactor, lora_scaling, merged_weight
 from lorakit.adapters.state import (
     PEFT_PREFIX,
-    _modules_in,
-    _pattern_value,
+    AdapterMeta,
+    adapted_modules,
+    base_model_of,
+    layer_alpha,
     read_adapter_config,
     read_adapter_meta,
     read_adapter_weights,
 )
+from lorakit.dtypes import DTYPES
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear, is_conv1d
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max |logit difference| allowed, as a fraction of the largest |logit|, and the least top-1 agreement
 TOLERANCE = {"fp32": (1e-4, 1.0), "bf16": (0.05, 0.9), "fp16": (0.01, 0.95)}
-
-
-@dataclass
-class LoRAFactor:
-    """One adapter's update of one layer: scaling * B @ A."""
-
-    adapter: str
-    module: str
-    A: torch.Tensor  # (r, in) fp32
-    B: torch.Tensor  # (out, r) fp32
-    scaling: float  # alpha / r (or / sqrt(r)), times the merge scale and the adapter's weight
 
 
 @dataclass
@@ -59,7 +51,7 @@ class AdapterRef:
     path: Path
     weight: float = 1.0
     config: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: AdapterMeta = field(default_factory=AdapterMeta)  # empty for a PEFT-made adapter
 
 
 @dataclass
@@ -93,7 +85,7 @@ def parse_adapter_arg(text: str) -> AdapterRef:
 
 def read_adapter(ref: AdapterRef) -> AdapterRef:
     ref.config = read_adapter_config(ref.path)
-    ref.meta = read_adapter_meta(ref.path)
+    ref.meta = read_adapter_meta(ref.path) or AdapterMeta()
     return ref
 
 
@@ -102,16 +94,14 @@ def adapter_factors(ref: AdapterRef, alpha: float | None = None, scale: float = 
     config = ref.config or read_adapter_config(ref.path)
     weights = read_adapter_weights(ref.path)
     use_rslora = bool(config.get("use_rslora", False))
-    base_alpha = float(config.get("lora_alpha", 8))
     factors = []
-    for name in _modules_in(weights, ref.path):
+    for name in adapted_modules(weights, ref.path):
         a = weights[f"{PEFT_PREFIX}{name}.lora_A.weight"].float()
         b = weights[f"{PEFT_PREFIX}{name}.lora_B.weight"].float()
         r = int(a.shape[0])
-        layer_alpha = alpha if alpha is not None else float(_pattern_value(config.get("alpha_pattern") or {}, name,
-                                                                              base_alpha))
-        scaling = lora_scaling(layer_alpha, r, use_rslora) * scale * ref.weight
-        factors.append(LoRAFactor(str(ref.path), name, a, b, scaling))
+        layer_a = layer_alpha(config, name) if alpha is None else alpha
+        scaling = lora_scaling(layer_a, r, use_rslora) * scale * ref.weight  # times the merge scale and weight
+        factors.append(LoRAFactor(a, b, scaling, adapter=str(ref.path), module=name))
     return factors
 
 
@@ -119,7 +109,7 @@ def _weight_layout(layer: nn.Module) -> tuple[torch.Tensor, bool]:
     """(weight parameter, fan_in_fan_out) of a plain linear layer."""
     if isinstance(layer, nn.Linear):
         return layer.weight, False
-    if type(layer).__name__ == "Conv1D":
+    if is_conv1d(layer):
         return layer.weight, True  # GPT-2 stores (in, out)
     raise LorakitError(f"cannot merge into a {type(layer).__name__}; lorakit merges into linear layers")
 
@@ -128,16 +118,9 @@ def dequantize_all(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace every lorakit quantized linear by a plain nn.Linear holding its dequantized weight."""
     n = 0
     for name, module in list(model.named_modules()):
-        if hasattr(module, "dequantized_weight") and hasattr(module, "in_features") and name:
-            bias = getattr(module, "bias", None)
-            linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype,
-                               device=module.weight_data.device)
-            with torch.no_grad():
-                linear.weight.copy_(module.dequantized_weight(torch.float32).to(dtype))
-                if bias is not None:
-                    linear.bias.copy_(bias.to(dtype))
+        if isinstance(module, QuantizedLinear) and name:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            setattr(model.get_submodule(parent) if parent else model, child, module.to_linear(dtype))
             n += 1
     return n
 
@@ -145,37 +128,27 @@ def dequantize_all(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
 @torch.no_grad()
 def merge_factors(model: nn.Module, factors: list[LoRAFactor]) -> None:
     """Add every factor into its layer's weight, in fp32, in place (the model must be plain fp32)."""
-    by_module: dict[str, list[LoRAFactor]] = {}
-    for f in factors:
-        by_module.setdefault(f.module, []).append(f)
-    for name, group in by_module.items():
+    for name, group in by_module(factors).items():
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             raise LorakitError(f"adapter {group[0].adapter} adapts {name}, which this model does not have; "
                                "merge it into the base model it was trained on") from None
         weight, fan_in_fan_out = _weight_layout(layer)
-        merged = weight.detach().float().clone()
-        for f in group:
-            delta = (f.B @ f.A) * f.scaling  # (out, in)
-            if fan_in_fan_out:
-                delta = delta.T
-            if delta.shape != merged.shape:
-                raise LorakitError(f"adapter {f.adapter}: {name} has an update of shape {tuple(delta.shape)} but the "
-                                   f"layer's weight is {tuple(merged.shape)}; the adapter belongs to another model")
-            merged += delta.to(merged.device)
-            if not torch.isfinite(merged).all():
-                raise LorakitError(f"merging adapter {f.adapter} into {name} gives NaN/inf; the adapter is broken "
-                                   "(check its training run for a diverged loss)")
-        weight.copy_(merged.to(weight.dtype))
+        weight.copy_(merged_weight(weight.detach().float(), group, name, fan_in_fan_out).to(weight.dtype))
+
+
+def by_module(factors: list[LoRAFactor]) -> dict[str, list[LoRAFactor]]:
+    """The factors grouped by the layer they update, in first-seen order."""
+    groups: dict[str, list[LoRAFactor]] = {}
+    for f in factors:
+        groups.setdefault(f.module, []).append(f)
+    return groups
 
 
 @contextmanager
 def adapters_as_hooks(model: nn.Module, factors: list[LoRAFactor]) -> Iterator[None]:
     """Run the base with the adapters added to each layer's output, as LoRA does in training."""
-    by_module: dict[str, list[LoRAFactor]] = {}
-    for f in factors:
-        by_module.setdefault(f.module, []).append(f)
     handles = []
 
     def hook_for(group: list[LoRAFactor]):
@@ -186,7 +159,7 @@ def adapters_as_hooks(model: nn.Module, factors: list[LoRAFactor]) -> Iterator[N
 
         return hook
 
-    for name, group in by_module.items():
+    for name, group in by_module(factors).items():
         handles.append(model.get_submodule(name).register_forward_hook(hook_for(group)))
     try:
         yield
@@ -259,7 +232,6 @@ def merge(
     """Merge `adapters` into `model` (default: the adapters' recorded base) and write `out`."""
     from lorakit.io import atomic_dir
     from lorakit.models.load import load_model
-    from lorakit.models.quantized import QuantSpec
 
     out = Path(out)
     if dtype not in DTYPES:
@@ -271,20 +243,17 @@ def merge(
     if out.exists() and not out.is_dir():
         raise LorakitError(f"{out} is a file; --out must be a directory")
     refs = [read_adapter(ref) for ref in adapters]
-    bases = {ref.config.get("base_model_name_or_path") for ref in refs} - {None}
-    if model is None:
-        if len(bases) != 1:
-            raise LorakitError("the adapters do not record one base model; pass --model")
-        model = bases.pop()
-    quant = {json.dumps(ref.meta.get("quantization"), sort_keys=True) for ref in refs if ref.meta.get("quantization")}
-    if len(quant) > 1:
+    base = base_model_of([ref.path for ref in refs], model)  # recorded: its commit, from the cache only
+    if base is None:
+        raise LorakitError("the adapters do not record one base model; pass --model")
+    model = base.name
+    quantized = [ref.meta for ref in refs if ref.meta.quantization]
+    if len({json.dumps(meta.quantization, sort_keys=True) for meta in quantized}) > 1:
         raise LorakitError("the adapters were trained on differently quantized bases; merge them one at a time")
-    spec = None
-    if quant:
-        q = json.loads(quant.pop())
-        # the base exactly as in training (same quantization), computed in fp32 for the reference
-        spec = QuantSpec(q["method"], int(q.get("blocksize", 64)), bool(q.get("double_quant", True)), torch.float32)
-    loaded = load_model(model, "fp32", trust_remote_code=trust_remote_code, quantization=spec)
+    # the base exactly as in training (same quantization), computed in fp32 for the reference
+    spec = quantized[0].quant_spec(torch.float32) if quantized else None
+    loaded = load_model(model, "fp32", trust_remote_code=trust_remote_code, revision=base.revision, quantization=spec,
+                        cache_only=base.cache_only)
     net, tokenizer = loaded.model, loaded.tokenizer
     dequantized = dequantize_all(net, torch.float32) if spec is not None else 0
     factors = [f for ref in refs for f in adapter_factors(ref, alpha, scale)]
@@ -332,7 +301,7 @@ def merge_record(result: MergeResult) -> dict[str, Any]:
         "lorakit_version": __version__,
         "base_model": result.base_model,
         "adapters": [{"path": str(a.path), "weight": a.weight, "r": a.config.get("r"),
-                      "lora_alpha": a.config.get("lora_alpha"), "quantization": a.meta.get("quantization")}
+                      "lora_alpha": a.config.get("lora_alpha"), "quantization": a.meta.quantization}
                      for a in result.adapters],
         "alpha_override": result.alpha,
         "scale": result.scale,
@@ -362,7 +331,7 @@ def model_card(result: MergeResult) -> str:
         "|---|---:|---:|---:|---|",
     ]
     for a in result.adapters:
-        q = a.meta.get("quantization")
+        q = a.meta.quantization
         qtext = f"{q['method']} (dequantized to fp32 before merging)" if q else "none"
         lines.append(f"| `{a.path}` | {a.config.get('r')} | {a.config.get('lora_alpha')} | {a.weight:g} | {qtext} |")
     alpha = f"alpha overridden to {result.alpha:g}; " if result.alpha is not None else ""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit.adapters.inject import describe_linear_names, linear_layer_names, output_head_names
+from lorakit.models.layers import describe_linear_names, linear_layer_names, output_head_names
 from lorakit.models.load import load_config
 
 
@@ -116,7 +116,7 @@ def measure_quantized(
     """Load `name` quantized (layer by layer) and count the bytes its tensors really take."""
     from lorakit.models.load import load_model
     from lorakit.models.quantized import QuantSpec
-    from lorakit.quant.linear import Int8Linear, NF4Linear
+    from lorakit.quant.linear import QuantizedLinear
 
     spec = QuantSpec(method, blocksize, double_quant, torch.bfloat16)
     loaded = load_model(name, "bf16", trust_remote_code=trust_remote_code, with_tokenizer=False, quantization=spec)
@@ -124,7 +124,7 @@ def measure_quantized(
     q_params = q_bytes = layers = 0
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, (NF4Linear, Int8Linear)):
+        if isinstance(module, QuantizedLinear):
             layers += 1
             q_params += module.in_features * module.out_features
             for buf_name, buf in module.named_buffers(recurse=False):

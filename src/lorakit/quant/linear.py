@@ -82,7 +82,7 @@ class _QuantLinearFunction(torch.autograd.Function):
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
+    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out). The one test for it."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(module.weight, torch.Tensor)
 
 
@@ -101,8 +101,12 @@ def _check_linear(linear: nn.Module) -> tuple[torch.Tensor, int, int]:
     return weight.T, int(in_f), int(out_f)
 
 
-class _QuantLinear(nn.Module):
-    """Shared parts: bias, forward, fp32-state protection, repr."""
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantized (NF4Linear, Int8Linear).
+
+    The one type test for "a lorakit quantized layer": `isinstance(m, QuantizedLinear)`.
+    Shared parts: bias, forward, dequantized_weight, fp32-state protection.
+    """
 
     _fp32_buffers: tuple[str, ...] = ()
 
@@ -138,6 +142,19 @@ class _QuantLinear(nn.Module):
         with torch.no_grad():
             return _dequantize(self._spec(), self._quant_buffers(), dtype or self.compute_dtype or torch.float32)
 
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype, weight: torch.Tensor | None = None) -> nn.Linear:
+        """A frozen nn.Linear in `dtype` with this layer's bias and `weight` (out, in; default: the
+        dequantized weight in fp32): the way out of quantization, for export and for unwrap_lora,
+        which passes the merged weight."""
+        weight = self.dequantized_weight(torch.float32) if weight is None else weight
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                        dtype=dtype)
+        out.weight.copy_(weight.to(dtype))
+        if self.bias is not None:
+            out.bias.copy_(self.bias.to(dtype))
+        return out.requires_grad_(False)
+
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # model.to(torch.bfloat16) / .half() would round the fp32 scales, silently changing the
         # quantized weight. Let device moves through, keep the scales' dtype.
@@ -154,7 +171,7 @@ class _QuantLinear(nn.Module):
         """Rebuild constant tables after a move (also after to_empty(), which leaves garbage)."""
 
 
-class NF4Linear(_QuantLinear):
+class NF4Linear(QuantizedLinear):
     """A frozen nn.Linear whose weight is stored as NF4 (about 4.13 bits per weight)."""
 
     _fp32_buffers = ("weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
@@ -271,7 +288,7 @@ class NF4Linear(_QuantLinear):
         )
 
 
-class Int8Linear(_QuantLinear):
+class Int8Linear(QuantizedLinear):
     """A frozen nn.Linear whose weight is stored as per-row int8 (about 8 bits per weight)."""
 
     _fp32_buffers = ("weight_scale",)
@@ -325,6 +342,11 @@ class Int8Linear(_QuantLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"int8 per-row, compute_dtype={self.compute_dtype}"
         )
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer LoRA can wrap: nn.Linear, GPT-2's Conv1D, or a lorakit quantized linear."""
+    return isinstance(module, (nn.Linear, QuantizedLinear)) or is_conv1d(module)
 
 
 def quantize_model_linears(

@@ -21,11 +21,12 @@ back to the previous valid one, with a warning naming what was wrong.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,38 @@ from lorakit.train.distributed import (full_parameters, full_tensor, gather_rng,
                                        world_size)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what trainer_state.json holds besides the RNG states and world size.
+
+    The weights, optimizer state and RNG states are read from the live objects when a
+    checkpoint is saved and written to them on resume (`load_checkpoint`); this is the rest.
+    """
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the data position: epoch and micro-batch index within it (BatchStream)
+    batch_index: int = 0
+    best_eval_loss: float = math.inf
+    tokens: int = 0  # all ranks' tokens so far (padding excluded)
+    trained_tokens: int = 0  # of which carried loss
+    elapsed: float = 0.0  # training seconds, over every resume
+    early_stop: dict[str, Any] | None = None  # EarlyStop.state() with train.early_stop
+
+    def fields(self) -> dict[str, Any]:
+        """The trainer_state.json fields, in their on-disk order (save_checkpoint adds step, RNG, world size)."""
+        out = asdict(self)
+        del out["step"]
+        return out
+
+    @classmethod
+    def read(cls, state: dict[str, Any]) -> TrainState:
+        """From a trainer_state.json dict (`load_checkpoint`'s result); keys an older lorakit did not write default."""
+        return cls(step=state["step"], epoch=state["epoch"], batch_index=state["batch_index"],
+                   best_eval_loss=state.get("best_eval_loss", math.inf), tokens=state.get("tokens", 0),
+                   trained_tokens=state.get("trained_tokens", 0), elapsed=state.get("elapsed", 0.0),
+                   early_stop=state.get("early_stop"))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.linear import QuantizedLinear
 
 T = TypeVar("T")
 _state: dict[str, Any] = {"owned": False, "device": torch.device("cpu"), "fsdp_roots": []}
@@ -260,11 +261,6 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList | None:
     return max(lists, key=len) if lists else None
 
 
-def is_quantized_linear(module: nn.Module) -> bool:
-    """lorakit's NF4Linear / Int8Linear (frozen quantized weights kept in buffers)."""
-    return hasattr(module, "dequantized_weight") and hasattr(module, "_quant_buffers")
-
-
 def quantized_buffers_to_parameters(module: nn.Module) -> list[str]:
     """Turn a quantized linear's persistent buffers of dim >= 1 into frozen parameters, in place.
 
@@ -293,7 +289,7 @@ def shard_model(root: nn.Module, model: nn.Module, device: torch.device, param_d
     mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
     stored = MixedPrecisionPolicy()  # quantized codes and fp32 scales: gathered bit for bit
     for module in list(model.modules()):
-        if is_quantized_linear(module):
+        if isinstance(module, QuantizedLinear):
             quantized_buffers_to_parameters(module)
             fully_shard(module, mesh=mesh, mp_policy=stored)
     blocks = decoder_blocks(model)

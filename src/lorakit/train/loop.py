@@ -1,8 +1,11 @@
 """The training loop, in plain PyTorch (no HF Trainer, no TRL).
 
-train() = set up (model, adapters, data, optimizer, resume) -> for each optimizer step:
-train_step() over grad_accum micro-batches -> log / evaluate() / save_checkpoint() ->
-final adapter, eval.json. Everything the user sees comes from rank 0 (train.distributed).
+train() is a recipe of four stages: setup() (model, adapters, data, loss, optimizer: a `Run`)
+-> resume_state() (a `TrainState` from the newest usable checkpoint, or step 0) -> step_loop()
+(per optimizer step: train_step() over grad_accum micro-batches -> log / evaluate() /
+save_checkpoint()) -> finish() (final evaluation, adapter or model, eval.json, report.html).
+Everything the user sees comes from rank 0 (train.distributed). The loop imports `eval`
+lazily, and only for generation metrics during training and the report at the end.
 """
 
 from __future__ import annotations
@@ -25,18 +28,22 @@ from lorakit.adapters.inject import lora_layers, parameter_summary
 from lorakit.adapters.setup import prepare_model
 from lorakit.adapters.state import save_adapter
 from lorakit.config import Config, dump_config
+from lorakit.data.batching import to_device
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write_text, remove_stale_temps
+from lorakit.losses import LossFn, full_loss_sum
 from lorakit.memory import peak_rss_mb, rss_mb
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
-from lorakit.train.checkpoint import load_checkpoint, newest_usable_checkpoint, save_checkpoint
+from lorakit.train.checkpoint import TrainState, load_checkpoint, newest_usable_checkpoint, save_checkpoint
 from lorakit.train.early_stop import EarlyStop, check_rows
 from lorakit.train.frozen_cache import frozen_block_cache
 from lorakit.train.kl_anchor import KLAnchor
 from lorakit.train.log import MetricsLog, progress_bar
-from lorakit.train.loss import IGNORE, LossFn, check_fast_loss, fast_loss_sum, full_loss_sum
+from lorakit.train.loss import IGNORE, check_fast_loss, fast_loss_sum
 from lorakit.train.optim import build_optimizer, lr_at, set_lr
+from lorakit.train.support import (additive_mask, autocast_dtype, model_dtype, packing_works, prefix_mask_form,
+                                   resolve_device, with_additive_masks)
 
 
 @dataclass
@@ -52,38 +59,6 @@ class TrainResult:
     frozen_replays: int = 0  # batches whose frozen lower blocks were replayed, not recomputed
     early_stopped_at: int | None = None  # train.early_stop: the step training stopped at (None: it ran to the end)
     best_step: int | None = None  # train.early_stop: the step of the best generation metric (adapter-best/)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LorakitError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LorakitError(f"train.device is {name} but no CUDA GPU is available; use train.device: cpu")
-    return device
-
-
-def cpu_bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = cpu_bf16_supported()
-    if precision == "bf16" and not supported:
-        raise LorakitError(f"train.precision bf16 is not supported on this {device.type}; use fp32 or auto")
-    return torch.bfloat16 if supported else None
 
 
 def seed_everything(seed: int) -> None:
@@ -112,10 +87,6 @@ class BatchStream:
         batch = self._batches[self.index]
         self.index += 1
         return batch
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def trained_count(batch: dict[str, torch.Tensor]) -> int:
@@ -198,101 +169,6 @@ def evaluate(model: nn.Module, loss_fn: LossFn, batches: list[dict[str, torch.Te
     return total / count if count else None
 
 
-@torch.no_grad()
-def packing_works(model: nn.Module, device: torch.device) -> bool:
-    """Two sequences packed with reset position_ids give the logits they give alone.
-
-    The yardstick is the same pack run without the reset (the second sequence then sees the
-    first): an isolating model stays far closer to the separate runs than that. A fixed
-    tolerance would not do, because bf16 and 4-bit bases differ between a 12-token and a
-    7-token forward by rounding alone (max 0.3-0.75 on SmolLM2 logits of size 35).
-    """
-    vocab = model.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randint(0, vocab, (5,), generator=g), torch.randint(0, vocab, (7,), generator=g)
-    packed = torch.cat([a, b])[None].to(device)
-    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        together = model(input_ids=packed, position_ids=pos, use_cache=False).logits.float()  # (1, 12, V)
-        crossing = model(input_ids=packed, use_cache=False).logits.float()  # no reset: b sees a
-        alone = torch.cat(
-            [model(input_ids=x[None].to(device), use_cache=False).logits.float() for x in (a, b)], dim=1
-        )
-    finally:
-        model.train(was_training)
-    return _isolates(together[0, 5:], crossing[0, 5:], alone[0, 5:])
-
-
-def _isolates(got: torch.Tensor, crossing: torch.Tensor, alone: torch.Tensor) -> bool:
-    """`got` (a packed run) matches `alone`, measured against `crossing` (the pack without isolation)."""
-    err = float((got - alone).abs().mean())
-    err_crossing = float((crossing - alone).abs().mean())
-    return err <= 1e-4 * max(float(alone.abs().mean()), 1e-6) or err < 0.1 * err_crossing
-
-
-@torch.no_grad()
-def prefix_mask_form(model: nn.Module, device: torch.device) -> str | None:
-    """How `model` takes the shared-prefix 4D mask: "bool", "float" (additive) or None (not at all).
-
-    Two examples share a 4-token prefix in one row; each must give the logits it gives
-    alone (by `packing_works`' yardstick). SDPA models take the boolean mask as is; eager
-    attention adds the mask to the scores, so it needs the additive form; some kernels
-    (flash-attention 2) take no 4D mask.
-    """
-    from lorakit.data.batching import make_batches
-    from lorakit.data.packing import PackedSequence
-
-    vocab = model.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(0)
-    p, a, b = (torch.randint(0, vocab, (n,), generator=g).tolist() for n in (4, 3, 5))
-    row = PackedSequence(p + a + b, [-100] * 12, list(range(4)) + list(range(4, 7)) + list(range(4, 9)), 2,
-                         [0] * 4 + [1] * 3 + [2] * 5)
-    batch = to_device(make_batches([row], 1, 0, 0, 0, shuffle=False)[0], device)
-    was_training = model.training
-    model.eval()
-    try:
-        alone = [model(input_ids=torch.tensor([p + x], device=device), use_cache=False).logits.float()[0, 4:]
-                 for x in (a, b)]
-        expected = torch.cat(alone)  # (8, V)
-        crossing = model(input_ids=batch["input_ids"], use_cache=False).logits.float()[0, 4:]  # b sees a
-        for form in ("bool", "float"):
-            mask = batch["attention_mask"] if form == "bool" else additive_mask(batch["attention_mask"], _dtype_of(model))
-            try:
-                got = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                            use_cache=False).logits.float()[0, 4:]
-            except (RuntimeError, ValueError, TypeError):
-                continue
-            if _isolates(got, crossing, expected):
-                return form
-    finally:
-        model.train(was_training)
-    return None
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask (True = attend) as the additive form: 0 where allowed, the dtype's min elsewhere."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-
-
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    weight = model.get_input_embeddings().weight
-    return weight.dtype if weight.dtype.is_floating_point else torch.float32
-
-
-def with_additive_masks(loss_fn: LossFn, dtype: torch.dtype) -> LossFn:
-    """`loss_fn` for a model that needs additive 4D masks: converts boolean ones on the way in."""
-
-    def wrapped(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        mask = batch.get("attention_mask")
-        if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
-            batch = {**batch, "attention_mask": additive_mask(mask, dtype)}
-        return loss_fn(model, batch)
-
-    return wrapped
-
-
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
     holds_run = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
     if holds_run and not resume:
@@ -315,220 +191,367 @@ def _compile_layers(model: nn.Module) -> int:
     return len(blocks)
 
 
+@dataclass
+class Run:
+    """What set-up builds once and every later stage of train() uses."""
+
+    cfg: Config
+    run_dir: Path
+    console: Any
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: plain fp32
+    model: nn.Module
+    tokenizer: Any
+    data: Any  # lorakit.data.DataBundle
+    quantization: dict[str, Any] | None  # what load_model quantized (None: nothing)
+    meta: dict[str, Any]  # lorakit.json of every adapter this run writes
+    stopper: EarlyStop | None = None  # train.early_stop
+    adapted: list[str] = field(default_factory=list)  # module paths with an adapter
+    train_items: list[Any] = field(default_factory=list)  # packed rows, or the examples themselves
+    eval_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    pad_id: int = 0
+    stream: BatchStream | None = None  # the training batches from the start (resume replaces it)
+    total_steps: int = 0
+    loss_fn: LossFn | None = None
+    anchor: KLAnchor | None = None  # train.kl_to_base (also inside loss_fn)
+    fused_mlps: list[Any] = field(default_factory=list)
+    frozen: Any = None  # the frozen_block_cache, when train.cache_frozen applies
+    optimizer: torch.optim.Optimizer | None = None
+    log: MetricsLog | None = None  # rank 0 only
+    clock: float = 0.0  # time.perf_counter() at elapsed 0 (earlier sessions' time included)
+
+    def amp(self) -> Any:
+        """The autocast context of train.precision (a no-op for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.clock
+
+
 def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = False) -> TrainResult:
-    """Run the training described by `cfg`; writes the run directory under cfg.output_dir."""
+    """Run the training described by `cfg`; writes the run directory under cfg.output_dir.
+
+    The recipe: set up (model, data, loss, optimizer) -> resume (TrainState and data position
+    from the newest usable checkpoint) -> the step loop (train_step, logging, evaluation,
+    checkpoints) -> finish (final evaluation, adapter or model, last checkpoint, eval.json).
+    """
     from rich.console import Console
 
-    from lorakit.data import build_datasets, pack_examples, shared_prefix_length
-    from lorakit.data.packing import is_replay
-
     console = console or Console(quiet=quiet or not dist.is_main())
+    run = setup(cfg, resume, console)
+    state, stream = resume_state(run, resume)
+    open_log(run, state, resume)
+    result = TrainResult(run_dir=run.run_dir, steps=run.total_steps)
+    run.clock = time.perf_counter() - state.elapsed
+    step_loop(run, state, stream, result, quiet)
+    finish(run, state, stream, result)
+    return result
+
+
+def setup(cfg: Config, resume: bool, console: Any) -> Run:
+    """The run directory checked, the model loaded and adapted, the data tokenized and batched,
+    the loss chosen, the model wrapped for the configured options, the optimizer built."""
     run_dir = Path(cfg.output_dir)
     _check_run_dir(run_dir, resume)
     if dist.is_main():  # what an interrupted atomic write left behind
         for where in (run_dir, run_dir / "checkpoints"):
             remove_stale_temps(where)
-    tc = cfg.train
-    device = dist.setup(cfg.distributed, resolve_device(tc.device))  # under torchrun: process group, cuda:LOCAL_RANK
-    amp_dtype = autocast_dtype(tc.precision, device)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    device = dist.setup(cfg.distributed, resolve_device(cfg.train.device))  # under torchrun: process group, cuda:LOCAL_RANK
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
     seed_everything(cfg.seed)
+    run = _load(cfg, run_dir, console, device, amp_dtype)
+    mask_form = _batch_data(run)
+    run.loss_fn = _choose_loss(run, mask_form)
+    _wrap_model(run)
+    dist.seed_ranks(cfg.seed)
+    run.optimizer = build_optimizer(run.model, cfg.train, device)
+    return run
 
-    qspec = quant_spec(cfg.quantization, device)
+
+def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dtype: torch.dtype | None) -> Run:
+    """The model (quantized as configured) and tokenizer, the tokenized data, the adapters."""
+    from lorakit.data import build_datasets
+
     loaded = load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code, cfg.model.revision,
-                        quantization=qspec)
-    model, tokenizer = loaded.model, loaded.tokenizer
+                        quantization=quant_spec(cfg.quantization, device))
     if loaded.quantization:
         q = loaded.quantization
         console.print(f"quantized {q['quantized_layers']} linear layers to {q['method']} "
                       f"(compute in {q['compute_dtype']}{', loaded layer by layer' if q['streamed'] else ''})")
-    data = build_datasets(cfg.data, tokenizer, cfg.seed)
-    stopper = _early_stopper(cfg, data.eval)  # None without train.early_stop
-    adapted = prepare_model(model, cfg.adapter)
-    console.print(f"model {cfg.model.name}: {parameter_summary(model)}")
-    if cfg.data.packing and not packing_works(model, device):
-        raise LorakitError(
-            f"{type(model).__name__} does not isolate packed sequences by position_ids; set data.packing: false"
-        )
-    prefix, mask_form = data.stats.shared_prefix if cfg.data.packing else 0, None
-    if prefix:
-        mask_form = prefix_mask_form(model, device)
-        if mask_form is None:
-            console.print(f"{type(model).__name__} takes no 4D attention mask here; packing without the shared prefix")
-            prefix = 0
-    train_items = pack_examples(data.train, cfg.data.max_length, cfg.seed, prefix) if cfg.data.packing else data.train
-    if prefix:
-        console.print(f"shared prefix: {prefix} tokens once per packed row; an epoch processes "
-                      f"{sum(len(p.input_ids) for p in train_items):,} tokens instead of {data.stats.tokens['train']:,}")
-    eval_items = (pack_examples(data.eval, cfg.data.max_length, cfg.seed, shared_prefix_length(data.eval) if prefix else 0)
-                  if cfg.data.packing else data.eval)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    from lorakit.data import make_batches
-
-    eval_batches = [to_device(b, device) for b in make_batches(eval_items, tc.batch_size, pad_id, cfg.seed, 0, shuffle=False)]
-    if tc.eval_max_batches:
-        eval_batches = eval_batches[: tc.eval_max_batches]
-
-    stream = BatchStream(train_items, tc.batch_size, pad_id, cfg.seed)
-    steps_per_epoch = max(1, math.ceil(len(stream) / tc.grad_accum))
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    probe = to_device(make_batches(train_items[:2], 2, pad_id, cfg.seed, 0, shuffle=False)[0], device)
-    if mask_form == "float":
-        probe["attention_mask"] = additive_mask(probe["attention_mask"], _dtype_of(model))
-    loss_fn: LossFn = fast_loss_sum if check_fast_loss(model, probe) else full_loss_sum
-    anchor = None
-    if tc.kl_to_base.weight > 0:
-        if cfg.adapter.method == "full":
-            raise LorakitError("train.kl_to_base compares with the base through the switched-off adapters; "
-                               "full fine-tuning has none: set train.kl_to_base.weight: 0 or adapter.method: lora")
-        if loss_fn is not fast_loss_sum:
-            raise LorakitError(f"train.kl_to_base needs a model whose output head is a plain linear layer; "
-                               f"{type(model).__name__}'s is not: set train.kl_to_base.weight: 0")
-        anchor = loss_fn = KLAnchor(tc.kl_to_base.weight, tc.kl_to_base.on)
-        on = tc.kl_to_base.on if isinstance(tc.kl_to_base.on, list) else [tc.kl_to_base.on]
-        if on == ["replay"] and not any(is_replay(x) for x in data.train):
-            raise LorakitError("train.kl_to_base.on is replay, but no training row has kind: replay; add replay rows "
-                               "(lorakit synth replay) or use train.kl_to_base.on: non_target")
-    if mask_form == "float":
-        loss_fn = with_additive_masks(loss_fn, _dtype_of(model))
-    if tc.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fused_mlps = fuse_lora_mlps(model) if cfg.adapter.method == "lora" and tc.fused_mlp else []
-    if tc.compile:
-        _compile_layers(model)
-    model.train()
-    loss_fn = dist.parallelize(model, loss_fn, cfg.distributed, device, amp_dtype, tc.optimizer)  # DDP / FSDP2
-    frozen = frozen_block_cache(model) if tc.cache_frozen and not tc.compile and dist.world_size() == 1 else None
-    if frozen is not None:
-        loss_fn = frozen.wrap(loss_fn)
-        console.print(f"blocks 0-{frozen.k - 1} have no adapter: their output is kept from the first epoch and replayed after")
-    dist.seed_ranks(cfg.seed)
-    optimizer = build_optimizer(model, tc, device)
-
-    step, best_eval, tokens, trained_tokens, elapsed_before = 0, math.inf, 0, 0, 0.0
-    def warn(msg: str) -> None:
-        console.print(f"warning: {msg}", markup=False, highlight=False)
-
-    found = newest_usable_checkpoint(run_dir, warn) if resume else None  # damaged newer ones: warned, skipped
-    dist.agree(found.step if found else 0, f"the step to resume from in {run_dir}",
-               "output_dir must be a directory that every node sees")
-    if found:
-        ckpt_path = found.path
-        state = load_checkpoint(found, model, optimizer)
-        step, best_eval = state["step"], state.get("best_eval_loss", math.inf)
-        tokens, trained_tokens = state.get("tokens", 0), state.get("trained_tokens", 0)
-        elapsed_before = state.get("elapsed", 0.0)
-        if stopper is not None:
-            stopper.restore(state.get("early_stop"))
-        stream = BatchStream(train_items, tc.batch_size, pad_id, cfg.seed, state["epoch"], state["batch_index"])
-        console.print(f"resumed from {ckpt_path} (step {step})")
-    elif resume:
-        console.print(f"no checkpoint in {run_dir} yet; starting from step 0")
-
+    data = build_datasets(cfg.data, loaded.tokenizer, cfg.seed)
     meta = {
         "lorakit_version": __version__, "base_model": cfg.model.name, "method": cfg.adapter.method,
         "template": cfg.data.template, "system_prompt": cfg.data.system_prompt, "max_length": cfg.data.max_length,
         "quantization": loaded.quantization,
     }
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir, tc.tensorboard, resume_step=step if resume else None) if dist.is_main() else None
-    if log and step == 0:
-        log.write("start", step=0, total_steps=total_steps, examples=len(data.train), eval_examples=len(data.eval),
-                  sequences=len(train_items), trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  adapted_modules=len(adapted), fused_mlps=len(fused_mlps), device=str(device), precision=str(amp_dtype or "fp32"),
-                  world_size=dist.world_size(), strategy=cfg.distributed.strategy if dist.launched() else None,
-                  real_token_fraction=data.stats.real_token_fraction if hasattr(data.stats, "real_token_fraction") else None)
+    if loaded.revision:  # a hub model: the commit loaded, in config.yaml and lorakit.json, reloaded later
+        cfg.model.revision = meta["base_model_revision"] = loaded.revision
+    run = Run(cfg, run_dir, console, device, amp_dtype, loaded.model, loaded.tokenizer, data, loaded.quantization, meta)
+    run.stopper = _early_stopper(cfg, data.eval)  # None without train.early_stop
+    run.adapted = prepare_model(run.model, cfg.adapter)
+    console.print(f"model {cfg.model.name}: {parameter_summary(run.model)}")
+    return run
 
-    result = TrainResult(run_dir=run_dir, steps=total_steps)
-    start = time.perf_counter()
-    window: list[float] = []
-    kl_window: list[float] = []  # the KL to the base of each step (train.kl_to_base)
-    window_tokens, window_start = 0, time.perf_counter()
-    with progress_bar(console, disable=quiet or not dist.is_main()) as bar:
-        task = bar.add_task("train", total=total_steps, completed=step, loss="-", lr="-", tps="-")
-        while step < total_steps and not (stopper is not None and stopper.stopped):
-            lr = lr_at(step, total_steps, tc)
-            set_lr(optimizer, lr)
-            micro = [to_device(stream.next(), device) for _ in range(tc.grad_accum)]
-            loss, grad_norm, kl = train_step(model, loss_fn, micro, optimizer, tc.max_grad_norm, amp, step + 1, anchor)
-            step += 1
+
+def _batch_data(run: Run) -> str | None:
+    """Train rows (packed once, by build_datasets) and eval batches; returns how the model takes the
+    shared-prefix mask ("bool", "float" or None: no shared prefix)."""
+    from lorakit.data import make_batches, pack_examples, shared_prefix_length
+
+    cfg, model, data, tc = run.cfg, run.model, run.data, run.cfg.train
+    if cfg.data.packing and not packing_works(model, run.device):
+        raise LorakitError(
+            f"{type(model).__name__} does not isolate packed sequences by position_ids; set data.packing: false"
+        )
+    prefix, mask_form = data.stats.shared_prefix if cfg.data.packing else 0, None
+    if prefix:
+        mask_form = prefix_mask_form(model, run.device)
+        if mask_form is None:
+            run.console.print(f"{type(model).__name__} takes no 4D attention mask here; packing without the shared prefix")
+            prefix = 0
+    if not cfg.data.packing:
+        run.train_items = data.train
+    elif prefix == data.stats.shared_prefix and data.packed is not None:
+        run.train_items = data.packed
+    else:  # the model refused the shared prefix build_datasets packed with
+        run.train_items = pack_examples(data.train, cfg.data.max_length, cfg.seed, prefix)
+    if prefix:
+        run.console.print(f"shared prefix: {prefix} tokens once per packed row; an epoch processes "
+                          f"{sum(len(p.input_ids) for p in run.train_items):,} tokens instead of {data.stats.tokens['train']:,}")
+    eval_items = (pack_examples(data.eval, cfg.data.max_length, cfg.seed, shared_prefix_length(data.eval) if prefix else 0)
+                  if cfg.data.packing else data.eval)
+    run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    run.eval_batches = [to_device(b, run.device)
+                        for b in make_batches(eval_items, tc.batch_size, run.pad_id, cfg.seed, 0, shuffle=False)]
+    if tc.eval_max_batches:
+        run.eval_batches = run.eval_batches[: tc.eval_max_batches]
+    run.stream = BatchStream(run.train_items, tc.batch_size, run.pad_id, cfg.seed)
+    steps_per_epoch = max(1, math.ceil(len(run.stream) / tc.grad_accum))
+    run.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    return mask_form
+
+
+def _choose_loss(run: Run, mask_form: str | None) -> LossFn:
+    """The chunked loss when it matches the model's own logits on a probe batch (else full logits),
+    inside the KL anchor with train.kl_to_base, converting masks for models that add them."""
+    from lorakit.data import make_batches
+    from lorakit.data.packing import is_replay
+
+    model, tc = run.model, run.cfg.train
+    probe = to_device(make_batches(run.train_items[:2], 2, run.pad_id, run.cfg.seed, 0, shuffle=False)[0], run.device)
+    if mask_form == "float":
+        probe["attention_mask"] = additive_mask(probe["attention_mask"], model_dtype(model))
+    loss_fn: LossFn = fast_loss_sum if check_fast_loss(model, probe) else full_loss_sum
+    if tc.kl_to_base.weight > 0:
+        if run.cfg.adapter.method == "full":
+            raise LorakitError("train.kl_to_base compares with the base through the switched-off adapters; "
+                               "full fine-tuning has none: set train.kl_to_base.weight: 0 or adapter.method: lora")
+        if loss_fn is not fast_loss_sum:
+            raise LorakitError(f"train.kl_to_base needs a model whose output head is a plain linear layer; "
+                               f"{type(model).__name__}'s is not: set train.kl_to_base.weight: 0")
+        run.anchor = loss_fn = KLAnchor(tc.kl_to_base.weight, tc.kl_to_base.on)
+        on = tc.kl_to_base.on if isinstance(tc.kl_to_base.on, list) else [tc.kl_to_base.on]
+        if on == ["replay"] and not any(is_replay(x) for x in run.data.train):
+            raise LorakitError("train.kl_to_base.on is replay, but no training row has kind: replay; add replay rows "
+                               "(lorakit synth replay) or use train.kl_to_base.on: non_target")
+    if mask_form == "float":
+        loss_fn = with_additive_masks(loss_fn, model_dtype(model))
+    return loss_fn
+
+
+def _wrap_model(run: Run) -> None:
+    """Gradient checkpointing, fused MLPs, compile, DDP / FSDP2 and the frozen-block cache, as configured."""
+    model, tc = run.model, run.cfg.train
+    if tc.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    run.fused_mlps = fuse_lora_mlps(model) if run.cfg.adapter.method == "lora" and tc.fused_mlp else []
+    if tc.compile:
+        _compile_layers(model)
+    model.train()
+    run.loss_fn = dist.parallelize(model, run.loss_fn, run.cfg.distributed, run.device, run.amp_dtype, tc.optimizer)
+    run.frozen = frozen_block_cache(model) if tc.cache_frozen and not tc.compile and dist.world_size() == 1 else None
+    if run.frozen is not None:
+        run.loss_fn = run.frozen.wrap(run.loss_fn)
+        run.console.print(f"blocks 0-{run.frozen.k - 1} have no adapter: their output is kept from the first epoch "
+                          "and replayed after")
+
+
+def resume_state(run: Run, resume: bool) -> tuple[TrainState, BatchStream]:
+    """The TrainState and batch stream to start from: the newest usable checkpoint's with --resume
+    (weights, optimizer and RNG restored into the model), else step 0."""
+    state, stream = TrainState(), run.stream
+
+    def warn(msg: str) -> None:
+        run.console.print(f"warning: {msg}", markup=False, highlight=False)
+
+    found = newest_usable_checkpoint(run.run_dir, warn) if resume else None  # damaged newer ones: warned, skipped
+    dist.agree(found.step if found else 0, f"the step to resume from in {run.run_dir}",
+               "output_dir must be a directory that every node sees")
+    if found:
+        state = TrainState.read(load_checkpoint(found, run.model, run.optimizer))
+        if run.stopper is not None:
+            run.stopper.restore(state.early_stop)
+        stream = BatchStream(run.train_items, run.cfg.train.batch_size, run.pad_id, run.cfg.seed, state.epoch,
+                             state.batch_index)
+        run.console.print(f"resumed from {found.path} (step {state.step})")
+    elif resume:
+        run.console.print(f"no checkpoint in {run.run_dir} yet; starting from step 0")
+    return state, stream
+
+
+def open_log(run: Run, state: TrainState, resume: bool) -> None:
+    """config.yaml and metrics.jsonl (truncated after the resumed step); a `start` event on a new run."""
+    cfg, model = run.cfg, run.model
+    if not dist.is_main():
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run.run_dir / "config.yaml")
+    run.log = MetricsLog(run.run_dir, cfg.train.tensorboard, resume_step=state.step if resume else None)
+    if state.step == 0:
+        stats = run.data.stats
+        run.log.write("start", step=0, total_steps=run.total_steps, examples=len(run.data.train),
+                      eval_examples=len(run.data.eval), sequences=len(run.train_items),
+                      trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      adapted_modules=len(run.adapted), fused_mlps=len(run.fused_mlps), device=str(run.device),
+                      precision=str(run.amp_dtype or "fp32"), world_size=dist.world_size(),
+                      strategy=cfg.distributed.strategy if dist.launched() else None,
+                      real_token_fraction=stats.real_token_fraction if hasattr(stats, "real_token_fraction") else None)
+
+
+class LogWindow:
+    """The steps since the last `train` log line: their losses, KLs to the base and tokens."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.kls: list[float] = []  # the KL to the base of each step (train.kl_to_base)
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, loss: float, kl: float | None, tokens: int) -> None:
+        self.losses.append(loss)
+        if kl is not None:
+            self.kls.append(kl)
+        self.tokens += tokens
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(1e-9, time.perf_counter() - self.start)
+
+
+def step_loop(run: Run, state: TrainState, stream: BatchStream, result: TrainResult, quiet: bool) -> None:
+    """Optimizer steps until total_steps or an early stop; logging, evaluation and checkpoints between them."""
+    tc = run.cfg.train
+    window = LogWindow()
+    with progress_bar(run.console, disable=quiet or not dist.is_main()) as bar:
+        task = bar.add_task("train", total=run.total_steps, completed=state.step, loss="-", lr="-", tps="-")
+        while state.step < run.total_steps and not (run.stopper is not None and run.stopper.stopped):
+            lr = lr_at(state.step, run.total_steps, tc)
+            set_lr(run.optimizer, lr)
+            micro = [to_device(stream.next(), run.device) for _ in range(tc.grad_accum)]
+            loss, grad_norm, kl = train_step(run.model, run.loss_fn, micro, run.optimizer, tc.max_grad_norm, run.amp,
+                                             state.step + 1, run.anchor)
+            state.step += 1
             step_tokens, step_trained = dist.sum_over_ranks(  # all ranks' tokens, one all-reduce
                 (sum(real_count(b) for b in micro), sum(trained_count(b) for b in micro)))
-            tokens += step_tokens
-            trained_tokens += step_trained
-            window_tokens += step_tokens
-            window.append(loss)
-            if kl is not None:
-                kl_window.append(kl)
+            state.tokens += step_tokens
+            state.trained_tokens += step_trained
+            state.elapsed = run.elapsed()
+            window.add(loss, kl, step_tokens)
             result.losses.append(loss)
-            elapsed = elapsed_before + time.perf_counter() - start
-            if step % tc.log_every == 0 or step == total_steps:
-                tps = window_tokens / max(1e-9, time.perf_counter() - window_start)
-                mean = sum(window) / len(window)
-                if log:
-                    log.write("train", step=step, epoch=round(stream.epoch + stream.index / max(1, len(stream)), 4),
-                              loss=mean, lr=lr, grad_norm=grad_norm, tokens=tokens, trained_tokens=trained_tokens,
-                              tokens_per_s=round(tps, 2), elapsed=round(elapsed, 3), rss_mb=_mb(rss_mb()),
-                              peak_rss_mb=_mb(peak_rss_mb()), **_cuda_memory(device),
-                              **({"kl": sum(kl_window) / len(kl_window)} if kl_window else {}))
+            if state.step % tc.log_every == 0 or state.step == run.total_steps:
+                mean, tps = sum(window.losses) / len(window.losses), window.tokens_per_s()
+                _log_train(run, state, stream, window, lr, grad_norm, mean, tps)
                 bar.update(task, loss=f"{mean:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-                window, kl_window, window_tokens, window_start = [], [], 0, time.perf_counter()
-            bar.update(task, completed=step)
-            if tc.eval_every and step % tc.eval_every == 0 and step < total_steps:
-                best_eval, _ = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                gen = _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
-                if stopper is not None and _early_stop(stopper, gen, model, step, log, run_dir, meta, cfg, console):
-                    break
-            if tc.save_every and step % tc.save_every == 0 and step < total_steps:  # every rank: FSDP gathers
-                state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
-                         "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": elapsed,
-                         "early_stop": stopper.state() if stopper is not None else None}
-                save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
+                window.reset()
+            bar.update(task, completed=state.step)
+            if state.step < run.total_steps and _between_steps(run, state, stream):
+                break
 
-    best_eval, final_eval = _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg)
-    if frozen is not None:
-        result.frozen_replays = frozen.hits
-        frozen.remove()  # the model is an ordinary model again
-    if cfg.eval.every and not (stopper is not None and stopper.stopped):  # a stopped run was just evaluated
-        gen = _generation_eval(model, tokenizer, cfg, data.eval, step, log, console)
+
+def _log_train(run: Run, state: TrainState, stream: BatchStream, window: LogWindow, lr: float, grad_norm: float,
+               mean: float, tps: float) -> None:
+    """A `train` event: the window's mean loss (and KL), throughput, memory."""
+    if not run.log:
+        return
+    run.log.write("train", step=state.step, epoch=round(stream.epoch + stream.index / max(1, len(stream)), 4),
+                  loss=mean, lr=lr, grad_norm=grad_norm, tokens=state.tokens,
+                  trained_tokens=state.trained_tokens, tokens_per_s=round(tps, 2),
+                  elapsed=round(state.elapsed, 3), rss_mb=_mb(rss_mb()), peak_rss_mb=_mb(peak_rss_mb()),
+                  **_cuda_memory(run.device), **({"kl": sum(window.kls) / len(window.kls)} if window.kls else {}))
+
+
+def _between_steps(run: Run, state: TrainState, stream: BatchStream) -> bool:
+    """The evaluations and checkpoint due after this step (not the last); True when early stopping ends the run."""
+    tc, step = run.cfg.train, state.step
+    if tc.eval_every and step % tc.eval_every == 0:
+        _eval_and_keep_best(run, state)
+    if run.cfg.eval.every and step % run.cfg.eval.every == 0:
+        gen = _generation_eval(run, step)
+        if run.stopper is not None and _early_stop(run, gen, step):
+            return True
+    if tc.save_every and step % tc.save_every == 0:  # every rank: FSDP gathers
+        _save_checkpoint(run, state, stream)
+    return False
+
+
+def _save_checkpoint(run: Run, state: TrainState, stream: BatchStream) -> None:
+    """checkpoints/step-N/ with the state as it stands (data position and early-stop state brought up to date)."""
+    state.epoch, state.batch_index = stream.epoch, stream.index
+    state.early_stop = run.stopper.state() if run.stopper is not None else None
+    save_checkpoint(run.run_dir, state.step, run.model, run.optimizer, state.fields(), run.cfg.train.keep_checkpoints,
+                    run.meta, run.cfg.model.name)
+
+
+def finish(run: Run, state: TrainState, stream: BatchStream, result: TrainResult) -> None:
+    """Final evaluation, the adapter (or model), a last checkpoint, eval.json, the end event and report.html."""
+    final_eval = _eval_and_keep_best(run, state)
+    if run.frozen is not None:
+        result.frozen_replays = run.frozen.hits
+        run.frozen.remove()  # the model is an ordinary model again
+    stopper = run.stopper
+    if run.cfg.eval.every and not (stopper is not None and stopper.stopped):  # a stopped run was just evaluated
+        gen = _generation_eval(run, state.step)
         if stopper is not None:
-            _keep_best_generation(stopper, gen, model, step, run_dir, meta, cfg)
-    result.eval_loss, result.tokens, result.trained_tokens = final_eval, tokens, trained_tokens
-    result.elapsed = elapsed_before + time.perf_counter() - start
+            _keep_best_generation(run, gen, state.step)
+    result.eval_loss, result.tokens, result.trained_tokens = final_eval, state.tokens, state.trained_tokens
+    result.elapsed = state.elapsed = run.elapsed()
     result.peak_rss_mb = peak_rss_mb()
-    dist.on_main(model, _save_final, model, tokenizer, run_dir, meta, cfg)  # every rank: FSDP gathers, rank 0 writes
-    state = {"epoch": stream.epoch, "batch_index": stream.index, "best_eval_loss": best_eval,
-             "tokens": tokens, "trained_tokens": trained_tokens, "elapsed": result.elapsed,
-             "early_stop": stopper.state() if stopper is not None else None}
-    save_checkpoint(run_dir, step, model, optimizer, state, tc.keep_checkpoints, meta, cfg.model.name)
+    dist.on_main(run.model, _save_final, run)  # every rank: FSDP gathers, rank 0 writes
+    _save_checkpoint(run, state, stream)
     if dist.is_main():
-        summary = {
-            "step": step, "eval_loss": final_eval, "eval_ppl": math.exp(final_eval) if final_eval is not None else None,
-            "best_eval_loss": best_eval if math.isfinite(best_eval) else None,
-            "train_loss_last": result.losses[-1] if result.losses else None, "tokens": tokens,
-            "trained_tokens": trained_tokens, "elapsed_s": round(result.elapsed, 2),
-            "trained_tokens_per_s": round(trained_tokens / max(result.elapsed, 1e-9), 2), "peak_rss_mb": result.peak_rss_mb,
-            "frozen_block_replays": result.frozen_replays,
-        }
         if stopper is not None:
             result.early_stopped_at, result.best_step = stopper.stopped_at, stopper.best_step
-            summary.update(early_stopped_at=stopper.stopped_at, best_step=stopper.best_step,
-                           best_metric=stopper.metric, best_value=stopper.best)
-        atomic_write_text(run_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-        if log:
-            log.write("end", **summary)
-            log.close()
-        _write_report(run_dir, console)
-        if final_eval is not None:
-            console.print(f"eval loss {final_eval:.4f}, perplexity {math.exp(final_eval):.2f}")
-        console.print(f"wrote {run_dir} ({step} steps, {trained_tokens:,} trained tokens, {result.elapsed:.1f} s)")
-    return result
+        _write_summary(run, state, result)
+
+
+def _write_summary(run: Run, state: TrainState, result: TrainResult) -> None:
+    """eval.json, the `end` event, report.html and the closing lines (rank 0)."""
+    best, final_eval, stopper = state.best_eval_loss, result.eval_loss, run.stopper
+    summary = {
+        "step": state.step, "eval_loss": final_eval,
+        "eval_ppl": math.exp(final_eval) if final_eval is not None else None,
+        "best_eval_loss": best if math.isfinite(best) else None,
+        "train_loss_last": result.losses[-1] if result.losses else None, "tokens": state.tokens,
+        "trained_tokens": state.trained_tokens, "elapsed_s": round(result.elapsed, 2),
+        "trained_tokens_per_s": round(state.trained_tokens / max(result.elapsed, 1e-9), 2),
+        "peak_rss_mb": result.peak_rss_mb, "frozen_block_replays": result.frozen_replays,
+    }
+    if stopper is not None:
+        summary.update(early_stopped_at=stopper.stopped_at, best_step=stopper.best_step,
+                       best_metric=stopper.metric, best_value=stopper.best)
+    atomic_write_text(run.run_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+    if run.log:
+        run.log.write("end", **summary)
+        run.log.close()
+    _write_report(run.run_dir, run.console)
+    if final_eval is not None:
+        run.console.print(f"eval loss {final_eval:.4f}, perplexity {math.exp(final_eval):.2f}")
+    run.console.print(f"wrote {run.run_dir} ({state.step} steps, {state.trained_tokens:,} trained tokens, "
+                      f"{result.elapsed:.1f} s)")
 
 
 def _mb(value: float | None) -> float | None:
@@ -552,17 +575,17 @@ def _write_report(run_dir: Path, console: Any) -> None:
                       f"retry with: lorakit report {run_dir}")
 
 
-def _generation_eval(model, tokenizer, cfg, examples, step, log, console) -> dict[str, Any] | None:
+def _generation_eval(run: Run, step: int) -> dict[str, Any] | None:
     """Generation metrics on the first eval rows (config `eval:`), logged as a gen_eval event."""
     from lorakit.eval.during_training import generation_eval
 
-    result = generation_eval(model, tokenizer, cfg, examples)  # every rank: FSDP forwards are collective
+    result = generation_eval(run.model, run.tokenizer, run.cfg, run.data.eval)  # every rank: FSDP forwards are collective
     if result is None:
         return None
-    if log:
-        log.write("gen_eval", step=step, n=result["n"], metrics=result["metrics"])
+    if run.log:
+        run.log.write("gen_eval", step=step, n=result["n"], metrics=result["metrics"])
     shown = ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if v is not None)
-    console.print(f"step {step}: generation eval on {result['n']} rows: {shown}")
+    run.console.print(f"step {step}: generation eval on {result['n']} rows: {shown}")
     return result
 
 
@@ -576,52 +599,58 @@ def _early_stopper(cfg: Config, examples: list[Any]) -> EarlyStop | None:
     return EarlyStop(cfg.train.early_stop.metric, cfg.train.early_stop.patience)
 
 
-def _keep_best_generation(stopper, result, model, step, run_dir, meta, cfg) -> None:
-    """Record a generation eval in `stopper`; a new best is saved as adapter-best/ (step and value in lorakit.json)."""
+def _keep_best_generation(run: Run, result: dict[str, Any] | None, step: int) -> None:
+    """Record a generation eval in run.stopper; a new best is saved as adapter-best/ (step and value in lorakit.json)."""
+    stopper, model = run.stopper, run.model
     value = None if result is None else result["metrics"].get(stopper.metric)
     if value is not None:  # the ranks' mean, so every rank takes the same decision
         value = dist.sum_over_ranks(float(value)) / dist.world_size()
     if stopper.update(step, value) and any(True for _ in lora_layers(model)):  # every rank: FSDP gathers
-        dist.on_main(model, save_adapter, model, run_dir / "adapter-best", cfg.model.name,
-                     dict(meta, step=step, best_metric=stopper.metric, best_value=value))
+        dist.on_main(model, save_adapter, model, run.run_dir / "adapter-best", run.cfg.model.name,
+                     dict(run.meta, step=step, best_metric=stopper.metric, best_value=value))
 
 
-def _early_stop(stopper, result, model, step, log, run_dir, meta, cfg, console) -> bool:
+def _early_stop(run: Run, result: dict[str, Any] | None, step: int) -> bool:
     """After a generation eval during training: keep the best; True (stop) after `patience` evals without one."""
-    _keep_best_generation(stopper, result, model, step, run_dir, meta, cfg)
+    stopper = run.stopper
+    _keep_best_generation(run, result, step)
     if not stopper.patience_spent:
         return False
     stopper.stopped_at = step
     best = "none" if stopper.best is None else f"{stopper.best:.4f} at step {stopper.best_step}"
-    if log:
-        log.write("early_stop", step=step, metric=stopper.metric, best_step=stopper.best_step,
-                  best_value=stopper.best, patience=stopper.patience)
-    console.print(f"early stop at step {step}: {stopper.metric} did not improve for {stopper.patience} generation "
-                  f"eval(s); best {best} (adapter-best/)")
+    if run.log:
+        run.log.write("early_stop", step=step, metric=stopper.metric, best_step=stopper.best_step,
+                      best_value=stopper.best, patience=stopper.patience)
+    run.console.print(f"early stop at step {step}: {stopper.metric} did not improve for {stopper.patience} generation "
+                      f"eval(s); best {best} (adapter-best/)")
     return True
 
 
-def _eval_and_keep_best(model, loss_fn, eval_batches, amp, step, best_eval, log, run_dir, meta, cfg):
-    """Evaluate; log eval loss and perplexity; keep the best adapter in adapter-best/ (by the
-    generation metric instead, in _keep_best_generation, with train.early_stop).
+def _eval_and_keep_best(run: Run, state: TrainState) -> float | None:
+    """Evaluate; log eval loss and perplexity; a new best goes into state.best_eval_loss and its adapter into
+    adapter-best/ (by the generation metric instead, in _keep_best_generation, with train.early_stop).
 
-    Returns (best eval loss so far, this evaluation's loss or None).
+    Returns this evaluation's loss (None without eval batches).
     """
-    loss = evaluate(model, loss_fn, eval_batches, amp) if eval_batches else None
+    model, step = run.model, state.step
+    loss = evaluate(model, run.loss_fn, run.eval_batches, run.amp) if run.eval_batches else None
     if loss is None:
-        return best_eval, None
-    if log:
-        log.write("eval", step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
-    if loss < best_eval:
-        best_eval = loss
-        if cfg.train.early_stop is None and any(True for _ in lora_layers(model)):  # every rank: FSDP gathers
-            dist.on_main(model, save_adapter, model, run_dir / "adapter-best", cfg.model.name, dict(meta, step=step, eval_loss=loss))
-    return best_eval, loss
+        return None
+    if run.log:
+        run.log.write("eval", step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
+    if loss < state.best_eval_loss:
+        state.best_eval_loss = loss
+        if run.cfg.train.early_stop is None and any(True for _ in lora_layers(model)):  # every rank: FSDP gathers
+            dist.on_main(model, save_adapter, model, run.run_dir / "adapter-best", run.cfg.model.name,
+                         dict(run.meta, step=step, eval_loss=loss))
+    return loss
 
 
-def _save_final(model: nn.Module, tokenizer: Any, run_dir: Path, meta: dict, cfg: Config) -> None:
+def _save_final(run: Run) -> None:
+    """adapter/ (LoRA) or model/ (full fine-tuning: a whole HF model with its tokenizer); rank 0."""
+    model, run_dir = run.model, run.run_dir
     if any(True for _ in lora_layers(model)):
-        save_adapter(model, run_dir / "adapter", cfg.model.name, meta)
+        save_adapter(model, run_dir / "adapter", run.cfg.model.name, run.meta)
         return
     from lorakit.adapters.state import require_finite
     from lorakit.io import atomic_dir
@@ -629,4 +658,4 @@ def _save_final(model: nn.Module, tokenizer: Any, run_dir: Path, meta: dict, cfg
     require_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, f"model {run_dir / 'model'}")
     with atomic_dir(run_dir / "model", overwrite=True) as tmp:  # full fine-tuning: a whole HF model
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)

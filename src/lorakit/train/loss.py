@@ -8,19 +8,20 @@ checkpointing, so at most one (chunk, V) block of logits exists at a time.
 
 Models whose head is not a plain `lm_head(hidden)` (logit soft-capping, scaling) would get a
 wrong loss this way, so `check_fast_loss` compares both paths on a probe batch once at the
-start of training and falls back to the full logits when they disagree.
+start of training and falls back to the full logits (lorakit.losses.full_loss_sum) when they
+disagree.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from lorakit.data.tokenize import IGNORE
+from lorakit.losses import full_loss_sum
+
 CHUNK = 1024  # rows of hidden states per head application
 
 
@@ -83,23 +84,6 @@ def fast_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     if n == 0:
         return hidden.sum() * 0.0, 0
     return head_ce_sum(head, hidden, targets), n
-
-
-def full_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """The reference path: full logits from the model, shifted cross-entropy."""
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).logits  # (B, T, V)
-    targets = batch["labels"][:, 1:]
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
-
-
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import pytest
 from lorakit.demo import run_demo
 from tests.conftest import run_cli, save_tiny_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROWS = ["held-out fact accuracy", "  held-out paraphrases", "  held-out reversed relations", "train fact accuracy", "held-out ROUGE-L", "refusal rate on unanswerables",
         "false refusals on held-out", "general-knowledge accuracy", "general answers retained",
         "perplexity on general text"]

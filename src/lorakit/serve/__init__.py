@@ -1,0 +1,1 @@
+"""`lorakit serve`: an OpenAI-compatible server for a base model and many adapters, batched together."""
