@@ -205,13 +205,14 @@ def _inference_model(model: nn.Module, tokenizer: Any, meta: Any) -> Any:
     return InferenceModel(model, tokenizer, getattr(meta, "template", None) or "auto", getattr(meta, "system_prompt", None))
 
 
-def _load_merged(model_name: str, ref: Any, trust_remote_code: bool) -> tuple[nn.Module, Any]:
-    """The base in fp32 (a QLoRA base dequantized) with the adapter, if any, merged in fp32."""
+def _load_merged(base: Any, ref: Any, trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    """The base (a BaseChoice) in fp32 (a QLoRA base dequantized) with the adapter, if any, merged in fp32."""
     from lorakit.export.merge import adapter_factors, dequantize_all, merge_factors
     from lorakit.models.load import load_model
 
     spec = ref.meta.quant_spec(torch.float32) if ref is not None else None  # the training base, in fp32
-    loaded = load_model(model_name, "fp32", trust_remote_code=trust_remote_code, quantization=spec)
+    loaded = load_model(base.name, "fp32", trust_remote_code=trust_remote_code, revision=base.revision,
+                        quantization=spec, cache_only=base.cache_only)
     check_exportable(loaded.model)
     if spec is not None:
         dequantize_all(loaded.model)
@@ -245,16 +246,26 @@ def export_gguf(model_name: str | None, out: str | Path, adapter: str | Path | N
     if modelfile:
         _check_out(card, force, "--out (its Modelfile is written beside it)")
     ref = read_adapter(AdapterRef(Path(adapter))) if adapter is not None else None
-    model_name = model_name or (ref.config.get("base_model_name_or_path") if ref else None)
-    if not model_name:
-        raise LorakitError("give --model (the adapter does not record its base model)")
-    model, tokenizer = _load_merged(model_name, ref, trust_remote_code)
+    base = _base(model_name, adapter)
+    model_name = base.name
+    model, tokenizer = _load_merged(base, ref, trust_remote_code)
     im = _inference_model(model, tokenizer, ref.meta if ref else None)
     text = _modelfile(out, tokenizer, im, model) if modelfile else None  # refused before anything is written
     result = write_gguf(model, tokenizer, out, kind, name=Path(str(model_name)).name, check=_checker(mode, im), pre=pre)
     if text is not None:
         atomic_write_text(card, text)
     return result
+
+
+def _base(model_name: str | None, adapter: str | Path | None) -> Any:
+    """The base to export on: --model, or the one the adapter records (at its commit, from the cache only)."""
+    from lorakit.adapters.state import BaseChoice, base_model_of
+
+    base = base_model_of([Path(adapter)], model_name) if adapter is not None else (
+        BaseChoice(model_name) if model_name else None)
+    if base is None:
+        raise LorakitError("give --model (the adapter does not record its base model)")
+    return base
 
 
 def _modelfile(out: Path, tokenizer: Any, im: Any, model: nn.Module) -> str:
@@ -279,7 +290,7 @@ def _checker(mode: str, im: Any) -> Callable[[GGUFResult], Any] | None:
 def _export_adapter(model_name: str | None, out: Path, adapter: str | Path | None, kind: str, mode: str,
                     trust_remote_code: bool) -> Any:
     """--adapter-only: the LoRA GGUF; `--verify llamacpp` applies it to a temporary f16 base GGUF."""
-    from lorakit.adapters.state import read_adapter_config, read_adapter_meta
+    from lorakit.adapters.state import read_adapter_meta
     from lorakit.export.gguf_lora import LORA_TYPES, check_lora_dir, write_lora_gguf
     from lorakit.models.load import load_config
 
@@ -290,26 +301,24 @@ def _export_adapter(model_name: str | None, out: Path, adapter: str | Path | Non
     if kind not in LORA_TYPES:
         raise LorakitError(f"--adapter-only writes the LoRA tensors as {', '.join(LORA_TYPES)}, not {kind!r}; "
                            "quantize the base model's GGUF instead (the adapter stays small either way)")
-    model_name = model_name or read_adapter_config(adapter).get("base_model_name_or_path")
-    if not model_name:
-        raise LorakitError("give --model (the adapter does not record its base model)")
+    base = _base(model_name, adapter)
     if mode != "llamacpp":
-        config, _ = load_config(model_name, trust_remote_code)
+        config, _ = load_config(base.name, trust_remote_code, base.revision)
         return write_lora_gguf(adapter, config, out, kind)
     from lorakit.export.gguf_verify import compare_answers, verify_prompts
     from lorakit.export.merge import AdapterRef, read_adapter
 
-    model, tokenizer = _load_merged(model_name, None, trust_remote_code)
-    base = temp_file(out, suffix=".base.tmp.gguf")
+    model, tokenizer = _load_merged(base, None, trust_remote_code)
+    base_file = temp_file(out, suffix=".base.tmp.gguf")
     try:
-        _write_file(model, tokenizer, base, "f16", "base", None)
+        _write_file(model, tokenizer, base_file, "f16", "base", None)
         from lorakit.export.merge import adapter_factors, merge_factors
 
         merge_factors(model, adapter_factors(read_adapter(AdapterRef(adapter))))
         im = _inference_model(model, tokenizer, read_adapter_meta(adapter))
 
         def check(result: Any) -> None:
-            answers = compare_answers(im, verify_prompts(), base, lora=result.path)
+            answers = compare_answers(im, verify_prompts(), base_file, lora=result.path)
             result.llamacpp_same, result.llamacpp_asked = answers.same, answers.asked
             if answers.same < 0.75 * answers.asked:
                 prompt, mine, got = answers.first_difference or ("", "", "")
@@ -319,4 +328,4 @@ def _export_adapter(model_name: str | None, out: Path, adapter: str | Path | Non
 
         return write_lora_gguf(adapter, model.config, out, kind, check=check)
     finally:
-        base.unlink(missing_ok=True)
+        base_file.unlink(missing_ok=True)
