@@ -102,3 +102,13 @@ def test_cli_adapter_info_shows_dora(ws: Path) -> None:
     proc = run_cli("adapter", "info", str(ws / "d"))
     assert proc.returncode == 0, proc.stderr
     assert "method" in proc.stdout and "dora" in proc.stdout
+
+
+def test_gguf_export_merges_dora_and_adapter_only_refuses_it(ws: Path, tmp_path: Path) -> None:
+    from lorakit.export.gguf import export_gguf
+
+    with pytest.raises(LorakitError, match="DoRA adapter; llama.cpp's LoRA GGUF has no magnitude vector"):
+        export_gguf(None, tmp_path / "a.gguf", adapter=ws / "d", adapter_only=True)
+    assert not (tmp_path / "a.gguf").exists()
+    result = export_gguf(None, tmp_path / "m.gguf", adapter=ws / "d", kind="f16", pre="gpt-2")  # merged, verified
+    assert (tmp_path / "m.gguf").exists() and result is not None

@@ -76,6 +76,10 @@ def write_lora_gguf(adapter: Path, config: Any, out: Path, kind: str = "f16", na
     factors = adapter_factors(read_adapter(AdapterRef(adapter)))
     if not factors:
         raise LorakitError(f"{adapter} holds no LoRA weights")
+    if any(f.magnitude is not None for f in factors):
+        raise LorakitError(f"{adapter} is a DoRA adapter; llama.cpp's LoRA GGUF has no magnitude vector, so "
+                           "--adapter-only cannot write it: export the merged model (lorakit export gguf --adapter "
+                           "DIR, without --adapter-only)")
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
