@@ -18,11 +18,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from machine import cpu_name  # bench/machine.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
@@ -43,16 +44,6 @@ def run(name: str, config: str, sets: list[str], tmp: Path, threads: int) -> lis
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{k: r[k] for k in ("step", *KEYS) if k in r} for r in rows]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def compare(before: dict, after: dict, tol: float) -> list[str]:
@@ -86,7 +77,7 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         runs = {n: run(n, *RUNS[n], Path(tmp), threads) for n in args.only}
-    result = {"commit": commit, "cpu": _cpu(), "threads": threads, "runs": runs,
+    result = {"commit": commit, "cpu": cpu_name(), "threads": threads, "runs": runs,
               "command": "python bench/parity_losses.py " + " ".join(sys.argv[1:])}
     if args.record:
         tmp_path = args.record.with_suffix(".tmp")
