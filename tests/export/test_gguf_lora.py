@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lorakit.errors import LorakitError
-from lorakit.export.gguf import _permute, export_gguf
+from lorakit.export.gguf import permute_qk, export_gguf
 from tests.conftest import run_cli, save_tiny_model_dir
 from tests.export.test_merge import make_adapter
 
@@ -50,8 +50,8 @@ def test_lora_gguf_names_shapes_alpha_and_values(lora: Path) -> None:
     # shapes as llama.cpp checks them: A (r, in), B (out, r); q/k rows of B permuted like the base weights (4 q, 2 kv heads)
     assert tensors["blk.1.attn_q.weight.lora_a"].shape == (4, 64) and tensors["blk.1.attn_k.weight.lora_b"].shape == (32, 4)
     np.testing.assert_array_equal(tensors["blk.1.attn_q.weight.lora_a"], w[key.format("q", "A")].numpy())
-    np.testing.assert_array_equal(tensors["blk.1.attn_q.weight.lora_b"], _permute(w[key.format("q", "B")], 4).numpy())
-    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight.lora_b"], _permute(w[key.format("k", "B")], 2).numpy())
+    np.testing.assert_array_equal(tensors["blk.1.attn_q.weight.lora_b"], permute_qk(w[key.format("q", "B")], 4).numpy())
+    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight.lora_b"], permute_qk(w[key.format("k", "B")], 2).numpy())
     np.testing.assert_array_equal(tensors["blk.1.attn_v.weight.lora_b"], w[key.format("v", "B")].numpy())
 
 

@@ -58,7 +58,7 @@ def check_type(kind: str) -> None:
         raise LorakitError(f"--type {kind!r} is not supported; use one of {', '.join(TYPES)}")
 
 
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF rotate-half rows -> GGML interleaved rows (llama.cpp's LlamaModel.permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -137,7 +137,7 @@ def _add_tensors(writer: Any, model: nn.Module, arch: str, kind: str) -> int:
         if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq"):
             continue  # llama.cpp reuses token_embd for a tied head
         if arch in PERMUTE_QK and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _permute(w, n_head if hf_name.endswith("q_proj.weight") else n_kv)
+            w = permute_qk(w, n_head if hf_name.endswith("q_proj.weight") else n_kv)
         data, raw = _tensor_data(w, kind, hf_name)
         writer.add_tensor(gguf_tensor_name(names, hf_name), data, raw_dtype=raw)
         count += 1

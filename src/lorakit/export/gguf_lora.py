@@ -65,7 +65,7 @@ def write_lora_gguf(adapter: Path, config: Any, out: Path, kind: str = "f16", na
     `check` runs on the finished temporary file before it is renamed to `out`."""
     import gguf
 
-    from lorakit.export.gguf import PERMUTE_QK, _permute, check_exportable, gguf_tensor_name
+    from lorakit.export.gguf import PERMUTE_QK, permute_qk, check_exportable, gguf_tensor_name
     from lorakit.export.merge import AdapterRef, adapter_factors, read_adapter
 
     if kind not in LORA_TYPES:
@@ -97,7 +97,7 @@ def write_lora_gguf(adapter: Path, config: Any, out: Path, kind: str = "f16", na
             a, b = f.A, f.B * (f.scaling * f.A.shape[0] / alpha)  # (r, in), (out, r); the ratio is 1 unless patterns differ
             module = f.module.rsplit(".", 1)[-1]
             if arch in PERMUTE_QK and module in ("q_proj", "k_proj"):
-                b = _permute(b, n_head if module == "q_proj" else n_kv)
+                b = permute_qk(b, n_head if module == "q_proj" else n_kv)
             base = gguf_tensor_name(names, f"{f.module}.weight")
             for suffix, w in ((".lora_a", a), (".lora_b", b)):
                 data, raw = _tensor(w, kind, f"{f.module}{suffix}")
