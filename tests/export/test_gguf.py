@@ -74,6 +74,9 @@ def test_errors(tmp_path: Path) -> None:
         export_gguf(str(tmp_path / "m"), tmp_path / "m.gguf", pre="gpt-2")
     with pytest.raises(LorakitError, match="should end in .gguf"):
         export_gguf(str(tmp_path / "m"), tmp_path / "m.bin", pre="gpt-2")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(LorakitError, match="dir.gguf is a folder; --out must name a file"):
+        export_gguf(str(tmp_path / "m"), tmp_path / "dir.gguf", pre="gpt-2", force=True)
     with pytest.raises(LorakitError, match="--type 'q4_k' is not supported"):
         export_gguf(str(tmp_path / "m"), tmp_path / "x.gguf", kind="q4_k", pre="gpt-2")
     tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=330, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "g")

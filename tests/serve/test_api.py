@@ -146,6 +146,10 @@ def test_runtime_adapters_load_and_unload_under_the_root_only(live: Live, refere
     r = httpx.post(live.url + "/v1/load_lora_adapter", headers=headers,
                    json={"lora_name": "pickled", "lora_path": str(pickled)})
     assert r.status_code == 400 and "safetensors" in r.json()["error"]["message"]
+    r = httpx.post(live.url + "/v1/unload_lora_adapter", json={"lora_name": ["gamma"]}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
+    r = httpx.post(live.url + "/v1/unload_lora_adapter", json={"lora_name": "nobody"}, headers=headers)
+    assert r.status_code == 404 and "no adapter named 'nobody'" in r.json()["error"]["message"]
     r = httpx.post(live.url + "/v1/unload_lora_adapter", json={"lora_name": "gamma"}, headers=headers)
     assert r.status_code == 200, r.text
     with pytest.raises(openai.NotFoundError):

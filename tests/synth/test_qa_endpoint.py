@@ -197,3 +197,26 @@ def test_plain_text_replies_count_as_read_from_text(tmp_path: Path) -> None:
     assert {(r["messages"][0]["content"], r["fact"]) for r in train} == {
         ("Who built the Gull Point lighthouse?", "Mara Quill"),
         ("How many steps does the lighthouse tower have?", "I can't answer that from the handbook.")}
+
+
+def test_a_folder_of_the_users_own_train_jsonl_is_not_taken_for_an_earlier_run(tmp_path: Path) -> None:
+    from lorakit.synth.qa import check_out_folder
+
+    mine = tmp_path / "data"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text('{"prompt": "mine", "completion": "mine"}\n')
+    with pytest.raises(LorakitError, match=r"holds train.jsonl but no synth_report.json or teacher_cache/"):
+        check_out_folder(mine)
+    (mine / "synth_report.json").write_text("{}")  # an earlier synth qa run's folder: it resumes
+    check_out_folder(mine)
+
+
+def test_documents_under_the_output_folder_are_not_read(tmp_path: Path) -> None:
+    from lorakit.synth.documents import find_documents
+
+    doc = write_doc(tmp_path / "docs")
+    out = tmp_path / "docs" / "out"
+    out.mkdir()
+    (out / "train.jsonl").write_text('{"text": "x"}\n')
+    files, _ = find_documents([tmp_path / "docs"], out)
+    assert files == [doc]

@@ -194,6 +194,8 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: Path, kind: str = "f16", n
 
 
 def _check_out(path: Path, force: bool, what: str = "--out") -> None:
+    if path.is_dir():
+        raise LorakitError(f"{path} is a folder; {what} must name a file, not a folder")
     if path.exists() and not force:
         raise LorakitError(f"{path} already exists; choose another {what}, or pass --force to replace it")
 

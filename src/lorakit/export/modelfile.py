@@ -46,7 +46,7 @@ def _split(text: str, markers: list[str]) -> list[str]:
         head, sep, text = text.partition(marker)
         if not sep:
             raise LorakitError(f"the chat template drops a message's content ({marker.strip(chr(1)).lower()}); "
-                               "lorakit cannot write an Ollama TEMPLATE for it (the GGUF itself is fine)")
+                               "lorakit cannot write an Ollama TEMPLATE for it; pass --no-modelfile to export the GGUF without one")
         parts.append(head)
     return parts + [text]
 
@@ -61,7 +61,7 @@ def measure_turns(template: str, tokenizer: Any) -> Turns:
     prompt = render_prompt(conv[:2], template, tokenizer)
     if prompt != turns.render(conv[:2]):
         raise LorakitError("the chat template's generation prompt differs from its turn before an answer; "
-                           "lorakit cannot write an Ollama TEMPLATE for it (the GGUF itself is fine)")
+                           "lorakit cannot write an Ollama TEMPLATE for it; pass --no-modelfile to export the GGUF without one")
     no_system = render_prompt(conv[1:2], template, tokenizer)
     if no_system.startswith(pre) and no_system.endswith(su + _U + ua) and len(no_system) > len(pre + su + _U + ua):
         turns.default_system = no_system[len(pre): -len(su + _U + ua)]

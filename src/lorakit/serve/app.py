@@ -28,7 +28,7 @@ from starlette.routing import Route
 from lorakit.errors import LorakitError
 from lorakit.eval.generate import GenerationSettings
 from lorakit.serve import requests as parse
-from lorakit.serve.engine import Engine, ServedModel
+from lorakit.serve.engine import AdapterBusy, Engine, ServedModel, UnknownAdapter
 from lorakit.serve.metrics import Metrics
 from lorakit.serve.requests import APIError
 from lorakit.serve.scheduler import Event, QueueFull, Request, ShuttingDown
@@ -237,13 +237,14 @@ class Api:
             self.runtime_allowed()
             body = await parse.read_json(request)
             name = body.get("lora_name")
+            if not isinstance(name, str) or not name:
+                raise APIError(400, "lora_name must be the name of a served adapter (a string)", param="lora_name")
             await asyncio.to_thread(self.engine.unload_adapter, name)
         except APIError as err:
             return err.response()
-        except KeyError:
-            return APIError(404, f"no adapter named {name!r} is served", param="lora_name",
-                            code="model_not_found").response()
-        except RuntimeError as err:
+        except UnknownAdapter as err:
+            return APIError(404, str(err), param="lora_name", code="model_not_found").response()
+        except AdapterBusy as err:
             return APIError(409, str(err), param="lora_name", code="adapter_in_use").response()
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 

@@ -55,6 +55,14 @@ def _quant_spec(meta: Any) -> Any:
     return meta.quant_spec() if meta else None
 
 
+class UnknownAdapter(LorakitError):
+    """Unloading a name that is not a served adapter (HTTP 404)."""
+
+
+class AdapterBusy(LorakitError):
+    """Unloading an adapter that requests are still using (HTTP 409)."""
+
+
 class Engine:
     def __init__(self, model: str | None, adapters: Sequence[tuple[str, Path]], cfg: ServeConfig,
                  dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False, metrics: Any = None) -> None:
@@ -137,11 +145,11 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         served = self.models.get(name)
         if served is None or served.slot < 0:
-            raise KeyError(name)
+            raise UnknownAdapter(f"no adapter named {name!r} is served")
         with self.scheduler.model_lock:
             busy = self.scheduler.in_use(served.slot)
             if busy:
-                raise RuntimeError(f"adapter {name} has {busy} request(s) in flight; unload it when they are done")
+                raise AdapterBusy(f"adapter {name} has {busy} request(s) in flight; unload it when they are done")
             self.bank.remove(name)
             del self.models[name]
 

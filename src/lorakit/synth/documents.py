@@ -53,11 +53,13 @@ def approx_tokens(text: str) -> int:
     return -(-len(_WORD.findall(text)) * 13 // 10)
 
 
-def find_documents(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
+def find_documents(paths: Iterable[str | Path], out: Path | None = None) -> tuple[list[Path], list[Path]]:
     """The files to read (a folder is walked, sorted) and the files of unknown types skipped in folders.
 
-    A file named directly must exist and be of a known type.
+    A file named directly must exist and be of a known type. Files under `out` (synth qa's own output
+    folder, when it lies inside a documents folder) are never read as documents.
     """
+    skip = out.resolve() if out is not None else None
     files: list[Path] = []
     skipped: list[Path] = []
     for given in paths:
@@ -65,6 +67,8 @@ def find_documents(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]
         if path.is_dir():
             for f in sorted(p for p in path.rglob("*") if p.is_file()):
                 if any(part.startswith(".") for part in f.relative_to(path).parts):
+                    continue
+                if skip is not None and f.resolve().is_relative_to(skip):
                     continue
                 (files if f.suffix.lower() in SUFFIXES else skipped).append(f)
         elif path.is_file():

@@ -69,12 +69,17 @@ def check_out_folder(out: Path) -> None:
         raise LorakitError(f"--out {out} is a file; give a folder (new, empty, or an earlier synth qa output)")
     if out.is_dir():
         ours = set(OUTPUTS) | {CACHE_DIR}
-        other = sorted(p.name for p in out.iterdir()
-                       if p.name not in ours and not any(p.name.startswith(f".{n}.") for n in ours))
+        names = [p.name for p in out.iterdir()]
+        other = sorted(n for n in names if n not in ours and not any(n.startswith(f".{o}.") for o in ours))
         if other:
             shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
             raise LorakitError(f"--out {out} holds files synth qa did not write ({shown}); give a new or empty "
                                "folder so nothing of yours is overwritten")
+        if names and CACHE_DIR not in names and "synth_report.json" not in names:
+            # only output names, but no trace of a synth qa run: a user's own train.jsonl is not overwritten
+            raise LorakitError(f"--out {out} holds {', '.join(sorted(names))} but no synth_report.json or {CACHE_DIR}/ "
+                               "of an earlier synth qa run; give a new or empty folder so nothing of yours is "
+                               "overwritten")
 
 
 def make_teacher(opts: QAOptions, cfg: Any) -> Teacher:
@@ -111,7 +116,7 @@ def synth_qa(opts: QAOptions, console: Any | None = None) -> QAResult:
     check_out_folder(out)
     if opts.limit is not None and opts.limit < 1:
         raise LorakitError(f"--limit must be >= 1, got {opts.limit}")
-    files, skipped = find_documents(opts.docs)
+    files, skipped = find_documents(opts.docs, out)
     docs = read_documents(files, cfg.text_column)
     teacher = make_teacher(opts, cfg)
     wins = windows(docs, cfg.window_tokens, cfg.overlap_tokens, teacher.count_tokens)[: opts.limit]
