@@ -40,6 +40,8 @@ METRICS: dict[str, str] = {
     "bleu": "sacreBLEU against the reference (0-100, corpus)",
     "chrf": "chrF against the reference (0-100, corpus)",
 }
+DEFAULT_REFUSAL = "I can't answer that from the handbook."
+"""The refusal sentence of the demo's data: what `refusal` looks for and `synth qa` answers by default."""
 DEFAULT_METRICS = ["fact", "exact_match", "token_f1", "rougeL", "bleu", "chrf", "refusal"]
 """`lorakit eval` / `compare`'s --metrics default."""
 
@@ -317,7 +319,7 @@ class SynthConfig:
     paraphrases: int = 2
     """Other wordings asked for per fact question."""
     unanswerable_per_window: int = 2
-    refusal: str = "I can't answer that from the handbook."
+    refusal: str = DEFAULT_REFUSAL
     """The answer of every unanswerable question (and what a fact answer must not contain)."""
     max_new_tokens: int = 512
     temperature: float = 0.0

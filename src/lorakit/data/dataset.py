@@ -79,9 +79,10 @@ def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBun
     if not cfg.train_files:
         raise DataError("data.train is not set; give a JSONL/JSON/CSV/Parquet file (or a list of them)")
     stats = DataStats(max_length=cfg.max_length)
-    loaded = {name: load_file(getattr(cfg, name), cfg, tokenizer, stats, strict)
+    cap = char_cap(tokenizer, cfg.max_length)  # once: it reads the whole vocabulary
+    loaded = {name: load_file(getattr(cfg, name), cfg, tokenizer, stats, strict, cap)
               for name in SPLITS if name != "train" and getattr(cfg, name)}
-    train = [ex for path in cfg.train_files for ex in load_file(path, cfg, tokenizer, stats, strict)]
+    train = [ex for path in cfg.train_files for ex in load_file(path, cfg, tokenizer, stats, strict, cap)]
     held_out = {"eval": cfg.eval_ratio if "eval" not in loaded else 0.0,
                 "test": cfg.test_ratio if "test" not in loaded else 0.0}
     parts = split_indices(len(train), held_out["eval"], held_out["test"], seed)
@@ -110,7 +111,8 @@ def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBun
 CHUNK_ROWS = 1024  # rows rendered and tokenized at a time: the raw rows of a large file are never all in memory
 
 
-def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, strict: bool) -> list[TokenizedExample]:
+def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, strict: bool,
+              cap: int | None = None) -> list[TokenizedExample]:
     """One file's examples, tokenized; its problems are added to `stats`.
 
     The file is streamed: rows are read, rendered and tokenized CHUNK_ROWS at a time, and each
@@ -121,7 +123,7 @@ def load_file(path: str, cfg: DataConfig, tokenizer: Any, stats: DataStats, stri
     head = list(itertools.islice(rows, 5))  # what format detection looks at
     template = resolve_template(cfg.template, tokenizer)
     file = _File(path, detect_format(head, path) if cfg.format == "auto" else cfg.format, template,
-                 control_strings(template, tokenizer), char_cap(tokenizer, cfg.max_length), strict)
+                 control_strings(template, tokenizer), cap or char_cap(tokenizer, cfg.max_length), strict)
     kept: list[TokenizedExample] = []
     numbered = enumerate(itertools.chain(head, rows), 1)
     while chunk := list(itertools.islice(numbered, CHUNK_ROWS)):

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from lorakit.config import METRICS
+from lorakit.config import DEFAULT_REFUSAL, METRICS
 from lorakit.errors import LorakitError
 
-DEFAULT_REFUSAL = "I can't answer that from the handbook."
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation + "‘’“”")
 

@@ -48,14 +48,15 @@ def quant_spec(qcfg: Any, device: torch.device | str = "cpu") -> Any:
     compute = qcfg.compute_dtype
     if compute == "auto":
         compute_dtype = resolve_dtype("auto", device)
-        if torch.device(device).type == "cpu" and _cpu_bf16():
+        if torch.device(device).type == "cpu" and cpu_bf16_supported():
             compute_dtype = torch.bfloat16
     else:
         compute_dtype = DTYPES[compute]
     return QuantSpec(qcfg.method, qcfg.blocksize, qcfg.double_quant, compute_dtype)
 
 
-def _cpu_bf16() -> bool:
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has bf16 units oneDNN uses (AVX512-BF16 / AMX)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

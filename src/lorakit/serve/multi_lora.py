@@ -36,8 +36,13 @@ class RowAdapters:
     def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor | None]] = []
         self.live: set[int] = set()  # slots installed now (AdapterBank keeps it)
+        self._slots: list[int] | None = None  # what `groups` was built for
 
     def set(self, slots: list[int], device: torch.device | str = "cpu") -> None:
+        """Group the rows by slot; a decode step whose batch did not change reuses the last grouping."""
+        if slots == self._slots:
+            return
+        self._slots = list(slots)
         by_slot: dict[int, list[int]] = {}
         for row, slot in enumerate(slots):
             if slot >= 0:

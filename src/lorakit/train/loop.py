@@ -203,7 +203,6 @@ class Run:
     model: nn.Module
     tokenizer: Any
     data: Any  # lorakit.data.DataBundle
-    quantization: dict[str, Any] | None  # what load_model quantized (None: nothing)
     meta: dict[str, Any]  # lorakit.json of every adapter this run writes
     stopper: EarlyStop | None = None  # train.early_stop
     adapted: list[str] = field(default_factory=list)  # module paths with an adapter
@@ -286,7 +285,7 @@ def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dt
     }
     if loaded.revision:  # a hub model: the commit loaded, in config.yaml and lorakit.json, reloaded later
         cfg.model.revision = meta["base_model_revision"] = loaded.revision
-    run = Run(cfg, run_dir, console, device, amp_dtype, loaded.model, loaded.tokenizer, data, loaded.quantization, meta)
+    run = Run(cfg, run_dir, console, device, amp_dtype, loaded.model, loaded.tokenizer, data, meta)
     run.stopper = _early_stopper(cfg, data.eval)  # None without train.early_stop
     run.adapted = prepare_model(run.model, cfg.adapter)
     console.print(f"model {cfg.model.name}: {parameter_summary(run.model)}")

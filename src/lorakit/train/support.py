@@ -14,6 +14,7 @@ from torch import nn
 from lorakit.data.batching import to_device
 from lorakit.errors import LorakitError
 from lorakit.losses import LossFn
+from lorakit.models.load import cpu_bf16_supported
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,13 +27,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LorakitError(f"train.device is {name} but no CUDA GPU is available; use train.device: cpu")
     return device
-
-
-def cpu_bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
