@@ -19,14 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # best effort first: Chromium and its driver from Debian for the report screenshot test and the
-# serve playground's browser test (root + apt-get only, at most 5 minutes, ~1 minute measured);
-# without them those tests are skipped
+# serve playground's browser test, and Debian's Go for the test that reads our Ollama Modelfile
+# with Ollama's own parser and template code (root + apt-get only, at most 5 minutes, ~1 minute
+# measured); without them those tests are skipped
 test: $(STAMP)
-	-@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || ! command -v apt-get >/dev/null || \
-	  [ "$$(id -u)" != 0 ] || { \
-	  echo "installing chromium and chromium-driver for the browser tests (best effort)"; \
-	  DEBIAN_FRONTEND=noninteractive timeout 300 sh -c 'apt-get update -qq && apt-get install -y -qq chromium chromium-driver' \
-	    >/dev/null 2>&1 || echo "chromium not installed; the browser tests will be skipped"; }
+	-@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver && command -v go >/dev/null; } || \
+	  ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || { \
+	  echo "installing chromium, chromium-driver and golang-go for the browser and Ollama tests (best effort)"; \
+	  DEBIAN_FRONTEND=noninteractive timeout 300 sh -c 'apt-get update -qq && apt-get install -y -qq chromium chromium-driver golang-go' \
+	    >/dev/null 2>&1 || echo "chromium or go not installed; the browser or Ollama tests will be skipped"; }
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
