@@ -85,3 +85,11 @@ def test_fp4_linear_and_model_replacement():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     assert quantize_model_linears(model, "fp4", 32, False, torch.float32) == 2
     assert all(m.quant_type == "fp4" for m in model.modules() if isinstance(m, NF4Linear))
+
+
+def test_an_adapter_trained_on_an_fp4_base_records_and_reloads_it(tmp_path):
+    from lorakit.adapters.state import AdapterMeta
+
+    q = {"method": "fp4", "blocksize": 32, "double_quant": False, "compute_dtype": "bfloat16"}
+    spec = AdapterMeta.from_dict({"quantization": q}, tmp_path / "lorakit.json").quant_spec()
+    assert (spec.method, spec.blocksize, spec.double_quant, spec.compute_dtype) == ("fp4", 32, False, torch.bfloat16)
