@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--settings", default="nf4-dq/64,fp4/64")
     args = parser.parse_args()
     tok = load_tokenizer(args.model)
-    ids = tok(open(args.text, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
+    ids = tok(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     windows = text_windows(ids, args.max_length, args.max_windows)
     model = load_model(args.model, "fp32", with_tokenizer=False).model
     layers = linear_layers(model)

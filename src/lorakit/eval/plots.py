@@ -73,7 +73,8 @@ def labelled_points(title: str, xlabel: str, ylabel: str, points: list[tuple[str
                     logx: bool = False, hlines: list[tuple[str, float]] = ()) -> str | None:
     """A PNG scatter of (label, x, y) points, each with its label beside it, as a data: URI (None when empty).
 
-    `hlines`: (label, y) reference levels drawn as dashed grey lines across the plot."""
+    An empty label leaves its point unlabelled. `hlines`: (label, y) reference levels, drawn as
+    dashed grey lines across the plot, their labels joined into one note above the highest."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -86,18 +87,20 @@ def labelled_points(title: str, xlabel: str, ylabel: str, points: list[tuple[str
     for i, (label, x, y) in enumerate(points):
         ax.plot([x], [y], marker="o", linestyle="none", color=COLOURS[i % len(COLOURS)], markersize=5)
         # alternate above/below so neighbours at the same bits (nf4 vs nf4-dq) stay readable
-        ax.annotate(_plain(label), (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 else -10), fontsize=7)
+        if label:
+            ax.annotate(_plain(label), (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 else -10),
+                        fontsize=7)
     if logx and all(x > 0 for _, x, _ in points):
         from matplotlib.ticker import FuncFormatter
 
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 4, 8, 16, 32 rather than 2^2 ...
-    for i, (label, y) in enumerate(hlines):
-        if _number(y):
-            ax.axhline(float(y), color="#7f7f7f", linestyle="--", linewidth=1)
-            side = (0.99, "right") if i % 2 == 0 else (0.01, "left")  # close levels' labels on opposite sides
-            ax.annotate(_plain(label), (side[0], float(y)), xycoords=("axes fraction", "data"), ha=side[1],
-                        va="bottom", fontsize=7, color="#555555")
+    levels = [(label, float(y)) for label, y in hlines if _number(y)]
+    for _, y in levels:
+        ax.axhline(y, color="#7f7f7f", linestyle="--", linewidth=1)
+    if levels:  # one note: reference levels are often too close for a label each
+        ax.annotate(_plain(", ".join(label for label, _ in levels)), (0.99, max(y for _, y in levels)),
+                    xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7, color="#555555")
     ax.margins(x=0.12, y=0.12)  # room for the labels of the outermost points
     ax.set_title(_plain(title), fontsize=11)
     ax.set_xlabel(xlabel)

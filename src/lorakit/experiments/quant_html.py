@@ -24,9 +24,11 @@ def plots(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     ok = [r for r in rows if "error" not in r]
     every = [(r["setting"], r["linear_bits"], r["perplexity"]) for r in ok]
     four = [p for p in every if p[1] < FOUR_BIT_MAX]
+    few_labels = [("" if p[1] < FOUR_BIT_MAX and len(four) > 1 else p[0], p[1], p[2]) for p in every]
     levels = [(f"{r['setting']} {r['perplexity']:.2f}", r["perplexity"]) for r in ok if r["linear_bits"] >= 16]
     out = []
-    for title, points, logx, lines in (("Perplexity against bits per parameter (linear weights)", every, True, []),
+    for title, points, logx, lines in (("Perplexity against bits per parameter (4-bit labels: next plot)", few_labels,
+                                        True, []),
                                        ("The 4-bit settings (dashed: 16- and 32-bit)", four, False, levels)):
         uri = labelled_points(title, "bits per parameter of the linear weights", "perplexity", points, logx=logx,
                               hlines=lines)
