@@ -138,6 +138,7 @@ def test_bad_input_is_a_one_line_error_before_any_work(model_dir, tmp_path, caps
         ([str(tmp_path / "no-model"), "--text", t, "--out", str(tmp_path / "o1")], "no-model"),
         ([m, "--text", str(short), "--out", str(tmp_path / "o2")], "shorter than one window of --max-length 512"),
         ([m, "--text", t, "--out", str(tmp_path / "taken")], "already exists; choose another --out or pass --force"),
+        ([m, "--text", t, "--repeats", "0"], "--repeats is 0; it must be at least 1"),
     ]
     for args, message in cases:
         code, err = run(capsys, *args)
@@ -153,3 +154,15 @@ def test_settings_and_windows():
     assert qr.text_windows(list(range(10)), 4, 1) == [[0, 1, 2, 3]]
     spec = Setting("fp4-dq", 128).quant_spec()
     assert (spec.method, spec.blocksize, spec.double_quant, spec.compute_dtype) == ("fp4", 128, True, torch.bfloat16)
+
+
+def test_rounds_take_the_median_of_timings_and_memory_and_fail_on_any_error():
+    def result(speed: float, rss: float) -> dict:
+        return {"setting": "nf4/64", "perplexity": 10.0, "gen_tokens_per_s": speed, "score_tokens_per_s": speed,
+                "load_s": 1.0, "load_peak_rss_mb": rss, "run_peak_rss_mb": rss, "rss_before_load_mb": 100.0}
+
+    row = qr.combine_rounds([result(3.0, 500), result(9.0, 700), result(4.0, 520)])
+    assert (row["gen_tokens_per_s"], row["load_peak_rss_mb"], row["repeats"]) == (4.0, 520, 3)
+    assert row["gen_tokens_per_s_rounds"] == [3.0, 9.0, 4.0] and row["perplexity_rounds"] == [10.0] * 3
+    failed = {"setting": "nf4/64", "error": "boom"}
+    assert qr.combine_rounds([result(3.0, 500), failed]) == failed

@@ -32,6 +32,8 @@ def report_cmd(
     = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for quant_report.json and .html.")]
     = Path("quant_report"),
+    repeats: Annotated[int, typer.Option("--repeats", help="Rounds over all settings, alternating; timings and "
+                                                             "RSS are the medians.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing report in --out.")] = False,
 ) -> None:
     """Measure each quantization setting in a fresh process: bits per parameter, load peak RSS, perplexity,
@@ -47,7 +49,7 @@ def report_cmd(
     )
 
     opts = ReportOptions(model, text, parse_methods(methods), parse_blocksizes(blocksize), max_length, max_windows,
-                         gen_tokens, out, force, threads)
+                         gen_tokens, out, force, threads, repeats=repeats)
     console = Console()
     report = quant_report(opts, console)
     print_table(report, console)

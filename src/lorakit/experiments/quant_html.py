@@ -67,7 +67,8 @@ def render_html(report: dict[str, Any]) -> str:
     about = (f"{report['windows']} non-overlapping windows of {report['max_length']} tokens "
              f"({report['scored_tokens']:,} scored tokens) from {report['text']} "
              f"({report['text_tokens']:,} tokens, sha256 {report['text_sha256'][:12]}); greedy generation of "
-             f"{report['gen_tokens']} tokens; {report['threads']} thread(s); torch {report['torch']}. "
+             f"{report['gen_tokens']} tokens; {report['threads']} thread(s); "
+             f"{report.get('repeats', 1)} round(s) over the settings (timings and RSS: medians); torch {report['torch']}. "
              "Quantized settings: linear layers quantized (not the output head), everything else and the "
              "matmuls in bf16. Top-1 agreement: share of positions whose most likely next token equals fp32's. "
              "Forward tokens/s: scoring the windows; generation tokens/s: greedy decoding with the KV cache.")

@@ -23,6 +23,7 @@ import difflib
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ class ReportOptions:
     force: bool = False
     threads: int | None = None
     prompt: str = DEFAULT_PROMPT
+    repeats: int = 1  # rounds over all settings, alternating; timings and RSS are medians over rounds
 
 
 def parse_methods(text: str) -> list[str]:
@@ -113,7 +115,8 @@ def check_options(opts: ReportOptions) -> list[Path]:
     if not opts.text.is_file():
         raise LorakitError(f"--text {opts.text} does not exist or is not a file; give a plain-text file")
     for name, value, least in (("--max-length", opts.max_length, 2), ("--gen-tokens", opts.gen_tokens, 1),
-                               ("--max-windows", opts.max_windows, 1), ("--threads", opts.threads, 1)):
+                               ("--max-windows", opts.max_windows, 1), ("--threads", opts.threads, 1),
+                               ("--repeats", opts.repeats, 1)):
         if value is not None and value < least:
             raise LorakitError(f"{name} is {value}; it must be at least {least}")
     outputs = [opts.out / REPORT_JSON, opts.out / REPORT_HTML]
@@ -187,6 +190,24 @@ def agreement(predictions: list[list[int]], reference: list[list[int]]) -> float
     return same / total
 
 
+MEDIAN_KEYS = ("load_peak_rss_mb", "run_peak_rss_mb", "rss_before_load_mb", "load_s", "score_tokens_per_s",
+               "gen_tokens_per_s")
+
+
+def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting's results from several rounds: the first round's numbers, with the timings and RSS
+    replaced by their medians (each round's value kept in `<key>_rounds`); any failed round fails the row."""
+    failed = next((r for r in rounds if "error" in r), None)
+    if failed is not None or len(rounds) == 1:
+        return failed or rounds[0]
+    out = dict(rounds[0], repeats=len(rounds))
+    for key in MEDIAN_KEYS:
+        out[key] = statistics.median(r[key] for r in rounds)
+        out[f"{key}_rounds"] = [r[key] for r in rounds]
+    out["perplexity_rounds"] = [r["perplexity"] for r in rounds]  # deterministic: equal unless something is off
+    return out
+
+
 def finish_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add top-1 agreement and perplexity relative to fp32; drop the raw predictions."""
     ref = next((r for r in results if r["setting"] == REFERENCE.label and "error" not in r), None)
@@ -215,20 +236,23 @@ def quant_report(opts: ReportOptions, console: Any = None) -> dict[str, Any]:
     say = console.print if console is not None else (lambda *a, **k: None)
     say(f"{len(settings)} settings; {len(prep.windows)} windows of {opts.max_length} tokens "
         f"({len(prep.windows) * (opts.max_length - 1):,} scored) from {opts.text} ({prep.text_tokens:,} tokens)")
-    results = []
+    rounds: dict[Setting, list[dict[str, Any]]] = {s: [] for s in settings}
     with tempfile.TemporaryDirectory(prefix="lorakit-quant-") as work:
-        for i, setting in enumerate(settings, 1):
-            result = run_setting(setting, prep, opts, Path(work))
-            results.append(result)
-            say(f"[{i}/{len(settings)}] {setting.label}: " + (
-                f"error: {result['error']}" if "error" in result else
-                f"perplexity {result['perplexity']:.3f}, {result['linear_bits']:.3f} bits/param (linear), "
-                f"load peak RSS {result['load_peak_rss_mb']:.0f} MiB, {result['gen_tokens_per_s']:.1f} tokens/s"))
+        for r in range(opts.repeats):  # round after round over all settings: load drifts hit them alike
+            for i, setting in enumerate(settings, 1):
+                result = run_setting(setting, prep, opts, Path(work))
+                rounds[setting].append(result)
+                say(f"[{r * len(settings) + i}/{opts.repeats * len(settings)}] {setting.label}: " + (
+                    f"error: {result['error']}" if "error" in result else
+                    f"perplexity {result['perplexity']:.3f}, {result['linear_bits']:.3f} bits/param (linear), "
+                    f"load peak RSS {result['load_peak_rss_mb']:.0f} MiB, {result['gen_tokens_per_s']:.1f} tokens/s"))
+    results = [combine_rounds(rounds[s]) for s in settings]
     report = {
         "model": opts.model, "model_dir": prep.model_dir, "text": str(opts.text), "text_sha256": prep.text_sha256,
         "text_tokens": prep.text_tokens, "max_length": opts.max_length, "windows": len(prep.windows),
         "scored_tokens": sum(len(w) - 1 for w in prep.windows), "gen_tokens": opts.gen_tokens, "prompt": opts.prompt,
         "threads": opts.threads or torch.get_num_threads(), "compute_dtype_quantized": "bf16",
+        "repeats": opts.repeats,
         "torch": torch.__version__, "lorakit": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "rows": finish_rows(results),
