@@ -43,5 +43,7 @@ def test_quant_spec_from_config():
     spec = quant_spec(load_config(None, ["quantization.method=nf4", "quantization.compute_dtype=fp32",
                                          "quantization.blocksize=128", "quantization.double_quant=false"]).quantization)
     assert (spec.method, spec.blocksize, spec.double_quant, spec.compute_dtype) == ("nf4", 128, False, FP32)
+    spec = quant_spec(load_config(None, ["adapter.method=qlora", "quantization.method=fp4"]).quantization)
+    assert (spec.method, spec.blocksize, spec.double_quant) == ("fp4", 64, True)  # QLoRA on an FP4 base
 
 

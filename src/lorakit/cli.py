@@ -17,6 +17,7 @@ import typer
 
 from lorakit.config import DEFAULT_METRICS
 from lorakit.errors import LorakitError
+from lorakit.experiments.quant_cli import quantize_app
 
 app = typer.Typer(
     help="Fine-tune language models on the machine you have: LoRA, QLoRA, full fine-tuning.",
@@ -36,6 +37,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(export_app, name="export")
 app.add_typer(synth_app, name="synth")
+app.add_typer(quantize_app, name="quantize")
 
 ModelOptExport = Annotated[Optional[str], typer.Option("--model", help="Base model; default: the adapter's recorded base.")]
 SetOption = Annotated[

@@ -96,12 +96,13 @@ class AdapterConfig:
 class QuantizationConfig:
     """Store the frozen base's linear layers quantized (QLoRA): every linear but the output head."""
 
-    method: Literal["none", "nf4", "int8"] = "none"
-    """none = full precision; nf4 = 4-bit NormalFloat (QLoRA); int8 = per-row absmax int8."""
+    method: Literal["none", "nf4", "fp4", "int8"] = "none"
+    """none = full precision; nf4 = 4-bit NormalFloat (QLoRA); fp4 = bitsandbytes' 4-bit float (the
+    QLoRA paper's baseline, less accurate than nf4); int8 = per-row absmax int8."""
     double_quant: bool = True
-    """NF4 only: quantize the per-block absmax to 8 bits too (4.127 instead of 4.5 bits per weight)."""
+    """NF4/FP4 only: quantize the per-block absmax to 8 bits too (4.127 instead of 4.5 bits per weight)."""
     blocksize: int = 64
-    """NF4 only: weights per absmax block; 32, 64, 128 or 256."""
+    """NF4/FP4 only: weights per absmax block; 32, 64, 128 or 256."""
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"
     """dtype the weight is dequantized to for the matmul; auto = bf16 where supported, else fp32."""
 

@@ -82,7 +82,7 @@ def test_lora_layers_and_plain_modules():
 
 
 def test_bad_arguments():
-    with pytest.raises(LorakitError, match="method 'nf8'.*nf4 or int8"):
+    with pytest.raises(LorakitError, match="method 'nf8'.*nf4, fp4 or int8"):
         quantize_model_linears(nn.Linear(4, 4), "nf8")  # type: ignore[arg-type]
     with pytest.raises(LorakitError, match="blocksize 100"):
         quantize_model_linears(tiny_llama(), "nf4", blocksize=100)

@@ -242,10 +242,10 @@ class AdapterMeta:
             if data.get(key) is not None and not isinstance(data[key], want):
                 raise LorakitError(f"{path}: {key} is {data[key]!r}, expected {want.__name__}; the metadata is damaged")
         q = data.get("quantization")
-        if q is not None and q.get("method") not in ("nf4", "int8"):
-            raise LorakitError(f"{path}: quantization.method is {q.get('method')!r}, expected nf4 or int8; "
+        if q is not None and q.get("method") not in ("nf4", "fp4", "int8"):
+            raise LorakitError(f"{path}: quantization.method is {q.get('method')!r}, expected nf4, fp4 or int8; "
                                "the metadata is damaged")
-        if q is not None and q.get("method") == "nf4" and q.get("blocksize", 64) not in (32, 64, 128, 256):
+        if q is not None and q.get("method") in ("nf4", "fp4") and q.get("blocksize", 64) not in (32, 64, 128, 256):
             raise LorakitError(f"{path}: quantization.blocksize is {q.get('blocksize')!r}, expected 32, 64, 128 or 256")
         revision = data.get("base_model_revision")
         if revision is not None and not isinstance(revision, str):

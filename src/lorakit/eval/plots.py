@@ -69,6 +69,48 @@ def line_plot(title: str, ylabel: str, lines: list[Series | None], logy: bool = 
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def labelled_points(title: str, xlabel: str, ylabel: str, points: list[tuple[str, float, float]],
+                    logx: bool = False, hlines: list[tuple[str, float]] = ()) -> str | None:
+    """A PNG scatter of (label, x, y) points, each with its label beside it, as a data: URI (None when empty).
+
+    An empty label leaves its point unlabelled. `hlines`: (label, y) reference levels, drawn as
+    dashed grey lines across the plot, their labels joined into one note above the highest."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [(label, float(x), float(y)) for label, x, y in points if _number(x) and _number(y)]
+    if not points:
+        return None
+    fig = Figure(figsize=(6.4, 4.0), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (label, x, y) in enumerate(points):
+        ax.plot([x], [y], marker="o", linestyle="none", color=COLOURS[i % len(COLOURS)], markersize=5)
+        # alternate above/below so neighbours at the same bits (nf4 vs nf4-dq) stay readable
+        if label:
+            ax.annotate(_plain(label), (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 else -10),
+                        fontsize=7)
+    if logx and all(x > 0 for _, x, _ in points):
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 4, 8, 16, 32 rather than 2^2 ...
+    levels = [(label, float(y)) for label, y in hlines if _number(y)]
+    for _, y in levels:
+        ax.axhline(y, color="#7f7f7f", linestyle="--", linewidth=1)
+    if levels:  # one note: reference levels are often too close for a label each
+        ax.annotate(_plain(", ".join(label for label, _ in levels)), (0.99, max(y for _, y in levels)),
+                    xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7, color="#555555")
+    ax.margins(x=0.12, y=0.12)  # room for the labels of the outermost points
+    ax.set_title(_plain(title), fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def run_plots(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(caption, data URI) for each plot the run's events can fill, in report order."""
     train = [e for e in events if e.get("event") == "train"]

@@ -48,7 +48,7 @@ _ST_DTYPES = {
 class QuantSpec:
     """What to quantize and how (the `quantization:` config section, resolved to torch types)."""
 
-    method: str  # nf4 | int8
+    method: str  # nf4 | fp4 | int8
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: torch.dtype | None = torch.bfloat16
@@ -215,8 +215,9 @@ def _empty_quantized(linear: nn.Module, spec: QuantSpec) -> nn.Module:
         in_f, out_f = linear.in_features, linear.out_features
     else:
         in_f, out_f = linear.weight.shape  # GPT-2 Conv1D stores (in, out)
-    if spec.method == "nf4":
-        return NF4Linear(in_f, out_f, bias, spec.blocksize, spec.double_quant, spec.compute_dtype, device="meta")
+    if spec.method in ("nf4", "fp4"):
+        return NF4Linear(in_f, out_f, bias, spec.blocksize, spec.double_quant, spec.compute_dtype, device="meta",
+                         quant_type=spec.method)
     return Int8Linear(in_f, out_f, bias, spec.compute_dtype, device="meta")
 
 
@@ -307,9 +308,9 @@ def _stream_into(
                     weight = weight.T  # Conv1D (in, out) -> (out, in)
                 layer = model.get_submodule(owner_name)
                 if isinstance(layer, NF4Linear):
-                    from lorakit.quant.nf4 import quantize_nf4
+                    from lorakit.quant.nf4 import quantize_4bit
 
-                    layer.set_quantized_weight(quantize_nf4(weight, spec.blocksize, spec.double_quant))
+                    layer.set_quantized_weight(quantize_4bit(weight, spec.blocksize, spec.double_quant, spec.method))
                 else:
                     from lorakit.quant.int8 import quantize_int8
 

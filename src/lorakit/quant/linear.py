@@ -31,7 +31,8 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.quant.dynamic8 import DQ_BLOCKSIZE, dynamic_map
 from lorakit.quant.int8 import Int8Tensor, dequantize_int8_buffers, quantize_int8
-from lorakit.quant.nf4 import NF4Tensor, byte_table, check_blocksize, dequantize_nf4_buffers, quantize_nf4
+from lorakit.quant.nf4 import (NF4Tensor, byte_table, check_blocksize, check_quant_type, dequantize_nf4_buffers,
+                               quantize_4bit)
 
 # (kind, weight shape, blocksize) -- plain constants, so torch.compile can specialize on them
 Spec = tuple[str, tuple[int, ...], int]
@@ -172,7 +173,8 @@ class QuantizedLinear(nn.Module):
 
 
 class NF4Linear(QuantizedLinear):
-    """A frozen nn.Linear whose weight is stored as NF4 (about 4.13 bits per weight)."""
+    """A frozen nn.Linear whose weight is stored as NF4 (about 4.13 bits per weight), or as FP4
+    with `quant_type="fp4"` (same buffers and sizes; only the decode table differs)."""
 
     _fp32_buffers = ("weight_absmax", "weight_absmax_scale", "weight_absmax_offset")
 
@@ -186,11 +188,13 @@ class NF4Linear(QuantizedLinear):
         compute_dtype: torch.dtype | None = torch.bfloat16,
         device: torch.device | str | None = None,
         bias_dtype: torch.dtype = torch.float32,
+        quant_type: str = "nf4",
     ) -> None:
         """Empty (zero) buffers of the right sizes: fill them with load_state_dict, or use from_linear."""
         check_blocksize(blocksize)
+        check_quant_type(quant_type)
         super().__init__(in_features, out_features, bias, compute_dtype, device, bias_dtype)
-        self.blocksize, self.double_quant = blocksize, double_quant
+        self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
         n = in_features * out_features
         blocks = math.ceil(n / blocksize)
         u8 = dict(device=device, dtype=torch.uint8)
@@ -207,12 +211,13 @@ class NF4Linear(QuantizedLinear):
         # constant decode tables as non-persistent buffers: they follow the module's device, stay
         # out of the state_dict, and torch.compile sees plain inputs instead of a global cache.
         # Rebuilt (not moved) by _apply, so .to(dtype) and to_empty() cannot corrupt them.
-        self.register_buffer("nf4_table", byte_table(self.weight_data.device).clone(), persistent=False)  # (256, 2)
+        self.register_buffer("nf4_table", byte_table(self.weight_data.device, quant_type).clone(),
+                             persistent=False)  # (256, 2); the FP4 table when quant_type is fp4
         self.register_buffer("dq_map", dynamic_map(self.weight_data.device).clone(), persistent=False)  # (256,)
 
     def _refresh_tables(self) -> None:
         device = self.weight_data.device
-        self.nf4_table = byte_table(device).clone()  # byte -> (high, low) NF4 values
+        self.nf4_table = byte_table(device, self.quant_type).clone()  # byte -> (high, low) NF4/FP4 values
         self.dq_map = dynamic_map(device).clone()  # double-quant 8-bit map
 
     @classmethod
@@ -222,10 +227,11 @@ class NF4Linear(QuantizedLinear):
         blocksize: int = 64,
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = torch.bfloat16,
+        quant_type: str = "nf4",
     ) -> NF4Linear:
         """Quantize `linear`'s weight on its own device; the bias is copied in its own dtype."""
         weight, in_f, out_f = _check_linear(linear)
-        q = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
+        q = quantize_4bit(weight, blocksize, double_quant, quant_type)
         bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
         layer = cls(
             in_f,
@@ -236,6 +242,7 @@ class NF4Linear(QuantizedLinear):
             compute_dtype=compute_dtype,
             device="meta",
             bias_dtype=bias_dtype,
+            quant_type=quant_type,
         )
         layer.set_quantized_weight(q)
         if linear.bias is not None:
@@ -243,13 +250,13 @@ class NF4Linear(QuantizedLinear):
         return layer
 
     def set_quantized_weight(self, q: NF4Tensor) -> None:
-        """Install an NF4Tensor of shape (out, in) as this layer's buffers (no copy)."""
+        """Install an NF4Tensor (NF4 or FP4) of shape (out, in) as this layer's buffers (no copy)."""
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise LorakitError(
                 f"NF4 weight of shape {tuple(q.shape)} does not fit a {self.in_features}->{self.out_features} "
                 f"layer; expected ({self.out_features}, {self.in_features})"
             )
-        self.blocksize, self.double_quant = q.blocksize, q.double_quant
+        self.blocksize, self.double_quant, self.quant_type = q.blocksize, q.double_quant, q.quant_type
         self.weight_data = q.data
         self.weight_absmax = q.absmax
         self.weight_absmax_scale = q.absmax_scale
@@ -266,6 +273,7 @@ class NF4Linear(QuantizedLinear):
             self.weight_absmax_offset,
             torch.Size((self.out_features, self.in_features)),
             self.blocksize,
+            self.quant_type,
         )
 
     def _spec(self) -> Spec:
@@ -284,7 +292,8 @@ class NF4Linear(QuantizedLinear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"compute_dtype={self.compute_dtype}"
         )
 
 
@@ -351,13 +360,14 @@ def is_linear(module: nn.Module) -> bool:
 
 def quantize_model_linears(
     model: nn.Module,
-    method: Literal["nf4", "int8"],
+    method: Literal["nf4", "fp4", "int8"],
     blocksize: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = torch.bfloat16,
     skip: Iterable[str] = (),
 ) -> int:
-    """Replace every nn.Linear (and GPT-2 Conv1D) in `model` by NF4Linear/Int8Linear, in place; returns how many.
+    """Replace every nn.Linear (and GPT-2 Conv1D) in `model` by NF4Linear (nf4/fp4) or Int8Linear, in place;
+    returns how many.
 
     Left alone: the output head (`model.get_output_embeddings()`, usually tied to the
     embeddings and sensitive to quantization), modules named in `skip` (a full dotted name
@@ -369,9 +379,9 @@ def quantize_model_linears(
     layer's temporaries, not two copies of the model. The replaced nn.Linear objects are
     left without a weight.
     """
-    if method not in ("nf4", "int8"):
-        raise LorakitError(f"unknown quantization method {method!r}; use nf4 or int8")
-    if method == "nf4":
+    if method not in ("nf4", "fp4", "int8"):
+        raise LorakitError(f"unknown quantization method {method!r}; use nf4, fp4 or int8")
+    if method != "int8":
         check_blocksize(blocksize)
     skip_names = {skip} if isinstance(skip, str) else set(skip)
     get_head = getattr(model, "get_output_embeddings", None)
@@ -389,8 +399,8 @@ def quantize_model_linears(
     todo = [names for names in places.values() if not any(skipped(n) for n in names)]
     for names in todo:
         old = model.get_submodule(names[0])
-        if method == "nf4":
-            new: nn.Module = NF4Linear.from_linear(old, blocksize, double_quant, compute_dtype)
+        if method != "int8":
+            new: nn.Module = NF4Linear.from_linear(old, blocksize, double_quant, compute_dtype, method)
         else:
             new = Int8Linear.from_linear(old, compute_dtype)
         new.train(old.training)

@@ -1,4 +1,9 @@
-"""NF4 blockwise 4-bit quantization (QLoRA, Dettmers et al. 2023, arXiv:2305.14314).
+"""NF4 blockwise 4-bit quantization (QLoRA, Dettmers et al. 2023, arXiv:2305.14314), and FP4.
+
+NF4Tensor holds either 4-bit code (`quant_type` "nf4" or "fp4", see fp4.py): both share the
+blocking, packing, absmax and double quantization; only the 16-value table and the rounding
+differ. Everything said below about NF4's bytes holds for FP4 too (FP4 tests in
+tests/quant/test_quant_fp4.py).
 
 Plain PyTorch, same result on CPU and CUDA, bit-compatible with bitsandbytes:
 
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from lorakit.errors import LorakitError
 from lorakit.quant.checks import check_weight
 from lorakit.quant.dynamic8 import DQ_BLOCKSIZE, dequantize_dynamic8, quantize_dynamic8
+from lorakit.quant.fp4 import FP4_CODE, fp4_codes
 
 BLOCKSIZES = (32, 64, 128, 256)
 
@@ -56,6 +62,7 @@ NF4_CODE = torch.tensor(
     dtype=torch.float32,
 )
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,) fp32, the rounding boundaries
+CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}  # 4-bit code -> its 16 values by bit pattern
 
 _table_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
 
@@ -67,14 +74,21 @@ def _cached(name: str, device: torch.device, build) -> torch.Tensor:
     return _table_cache[key]
 
 
-def byte_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """(256, 2) fp32: byte b -> (NF4_CODE[b >> 4], NF4_CODE[b & 15]); one gather decodes a byte."""
+def byte_table(device: torch.device | str = "cpu", quant_type: str = "nf4") -> torch.Tensor:
+    """(256, 2) fp32: byte b -> (code[b >> 4], code[b & 15]); one gather decodes a byte."""
+    check_quant_type(quant_type)
+    code = CODES[quant_type]
 
     def build() -> torch.Tensor:
         b = torch.arange(256)
-        return torch.stack((NF4_CODE[b >> 4], NF4_CODE[b & 15]), dim=1)
+        return torch.stack((code[b >> 4], code[b & 15]), dim=1)
 
-    return _cached("bytes", torch.device(device), build)
+    return _cached(f"bytes-{quant_type}", torch.device(device), build)
+
+
+def check_quant_type(quant_type: str) -> None:
+    if quant_type not in CODES:
+        raise LorakitError(f"4-bit quant_type {quant_type!r} is not known; use nf4 or fp4")
 
 
 # Code assignment without a binary search. Cut [-1, 1] into 64 equal cells; each cell holds
@@ -108,7 +122,7 @@ def check_blocksize(blocksize: int) -> None:
     """32..256: smaller blocks track outliers better but cost more absmax bytes per weight."""
     if blocksize not in BLOCKSIZES:
         raise LorakitError(
-            f"NF4 blocksize {blocksize!r} is not supported; use one of {', '.join(map(str, BLOCKSIZES))} "
+            f"4-bit (NF4/FP4) blocksize {blocksize!r} is not supported; use one of {', '.join(map(str, BLOCKSIZES))} "
             "(64 is the QLoRA default)"
         )
 
@@ -118,6 +132,7 @@ class NF4Tensor:
     """An NF4-quantized tensor: its buffers plus the metadata to rebuild it.
 
     data          uint8 (ceil(numel/2),)  two codes per byte, first element in the high nibble
+    quant_type    "nf4" | "fp4"           which 16-value table the codes index
     absmax        fp32 (blocks,)          per-block absmax, or uint8 codes with double quant
     absmax_scale  fp32 (ceil(blocks/256),) or None   second-level scales (double quant)
     absmax_offset fp32 ()  or None        mean subtracted before double quantization
@@ -129,6 +144,7 @@ class NF4Tensor:
     absmax_offset: torch.Tensor | None
     shape: torch.Size
     blocksize: int
+    quant_type: str = "nf4"
 
     @property
     def double_quant(self) -> bool:
@@ -168,7 +184,8 @@ class NF4Tensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor in `dtype` and its original shape (computed in fp32, then cast)."""
         return dequantize_nf4_buffers(
-            self.data, self.absmax, self.absmax_scale, self.absmax_offset, self.shape, self.blocksize, dtype
+            self.data, self.absmax, self.absmax_scale, self.absmax_offset, self.shape, self.blocksize, dtype,
+            quant_type=self.quant_type,
         )
 
     def to(self, device: torch.device | str) -> NF4Tensor:
@@ -180,13 +197,16 @@ class NF4Tensor:
             absmax_offset=moved.get("absmax_offset"),
             shape=self.shape,
             blocksize=self.blocksize,
+            quant_type=self.quant_type,
         )
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only (shape and blocksize as int64 tensors): fits a state_dict or safetensors."""
+        """Tensors only (shape and blocksize as int64 tensors, `fp4` 1 for FP4): fits a state_dict or safetensors."""
         out = dict(self.buffers())
         out["shape"] = torch.tensor(list(self.shape), dtype=torch.int64)
         out["blocksize"] = torch.tensor(self.blocksize, dtype=torch.int64)
+        if self.quant_type == "fp4":  # absent for NF4, so older NF4 dicts read the same
+            out["fp4"] = torch.tensor(1, dtype=torch.int64)
         return out
 
     @classmethod
@@ -202,7 +222,8 @@ class NF4Tensor:
         shape = torch.Size(int(s) for s in d["shape"].tolist())
         blocksize = int(d["blocksize"])
         check_blocksize(blocksize)
-        t = cls(d["data"], d["absmax"], d.get("absmax_scale"), d.get("absmax_offset"), shape, blocksize)
+        quant_type = "fp4" if "fp4" in d and int(d["fp4"]) else "nf4"
+        t = cls(d["data"], d["absmax"], d.get("absmax_scale"), d.get("absmax_offset"), shape, blocksize, quant_type)
         t._validate()
         return t
 
@@ -228,28 +249,40 @@ class NF4Tensor:
 
     def __repr__(self) -> str:
         return (
-            f"NF4Tensor(shape={tuple(self.shape)}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"NF4Tensor(quant_type={self.quant_type}, shape={tuple(self.shape)}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, "
             f"device={self.device}, bits_per_param={self.bits_per_param:.3f})"
         )
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
     """Quantize any float tensor to NF4 (on its own device); the input is left untouched."""
+    return quantize_4bit(weight, blocksize, double_quant, "nf4")
+
+
+def quantize_fp4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize any float tensor to bitsandbytes' FP4 (see fp4.py); the input is left untouched."""
+    return quantize_4bit(weight, blocksize, double_quant, "fp4")
+
+
+def quantize_4bit(weight: torch.Tensor, blocksize: int, double_quant: bool, quant_type: str) -> NF4Tensor:
+    """NF4 or FP4 (`quant_type`), blockwise absmax, optionally double-quantized absmax."""
     check_blocksize(blocksize)
-    check_weight(weight, "quantize_nf4")
-    data, absmax = _quantize_codes(weight.detach(), blocksize)
+    check_quant_type(quant_type)
+    check_weight(weight, f"quantize_{quant_type}")
+    data, absmax = _quantize_codes(weight.detach(), blocksize, quant_type)
     scale = offset = None
     if double_quant:
         # QLoRA's double quantization, as bitsandbytes does it: center on the mean, 8-bit codes.
         offset = absmax.mean()  # () fp32
         absmax, scale = quantize_dynamic8(absmax - offset)
-    return NF4Tensor(data, absmax, scale, offset, torch.Size(weight.shape), blocksize)
+    return NF4Tensor(data, absmax, scale, offset, torch.Size(weight.shape), blocksize, quant_type)
 
 
 _CHUNK_BLOCKS = 1 << 14  # blocks per pass: at blocksize 64, 1M weights and ~16 MB of temporaries
 
 
-def _quantize_codes(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_codes(weight: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """-> packed codes uint8 (ceil(n/2),), absmax fp32 (blocks,).
 
     Blocks are independent, so the work goes in chunks of _CHUNK_BLOCKS blocks: the fp32
@@ -259,6 +292,7 @@ def _quantize_codes(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
     flat = weight.reshape(-1)  # (n,); any float dtype, converted chunk by chunk
     n = flat.numel()
     n_blocks = math.ceil(n / blocksize)
+    to_codes = fp4_codes if quant_type == "fp4" else nf4_codes
     packed = torch.empty(math.ceil(n / 2), dtype=torch.uint8, device=flat.device)  # (ceil(n/2),)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)  # (nb,)
     for b0 in range(0, n_blocks, _CHUNK_BLOCKS):
@@ -275,7 +309,7 @@ def _quantize_codes(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
         if ragged:
             scaled[-1] = blocks[-1] / safe[-1]  # bitsandbytes divides in the ragged block; keep its rounding
         scaled.clamp_(-1.0, 1.0)
-        codes = nf4_codes(scaled).view(-1)  # (cb * bs,) uint8, even length; padding codes are 7 (= 0.0)
+        codes = to_codes(scaled).view(-1)  # (cb * bs,) uint8, even length; padding codes are those of 0.0
         pairs = (codes[0::2] << 4) | codes[1::2]  # (cb * bs / 2,)
         byte_lo = lo // 2  # blocksize is even, so chunks start on a byte
         packed[byte_lo : byte_lo + min(pairs.numel(), packed.numel() - byte_lo)] = pairs[: packed.numel() - byte_lo]
@@ -303,6 +337,7 @@ def dequantize_nf4_buffers(
     blocksize: int,
     dtype: torch.dtype = torch.float32,
     tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+    quant_type: str = "nf4",
 ) -> torch.Tensor:
     """Dequantize from raw buffers (what NF4Linear calls, also inside torch.compile).
 
@@ -310,11 +345,12 @@ def dequantize_nf4_buffers(
     bit-identical to `bitsandbytes.functional.dequantize_4bit` on CPU in fp32/bf16/fp16
     (except where bitsandbytes 0.50's vectorized CPU kernel is wrong: a last dim that is a
     multiple of 16 but not of the blocksize, e.g. (64, 64) at blocksize 128). `tables` is
-    (byte_table(device), dynamic_map(device)); traced code must pass it (NF4Linear keeps
-    them as buffers) instead of touching the lazily filled per-device cache.
+    (byte_table(device, quant_type), dynamic_map(device)); traced code must pass it (NF4Linear
+    keeps them as buffers) instead of touching the lazily filled per-device cache. Only without
+    `tables` is `quant_type` read: the byte table already says which code the bytes index.
     """
     n = math.prod(shape)
-    pairs, code_map = tables if tables is not None else (byte_table(data.device), None)
+    pairs, code_map = tables if tables is not None else (byte_table(data.device, quant_type), None)
     scales = _absmax_fp32(absmax, absmax_scale, absmax_offset, code_map)  # (nb,) fp32
     n_blocks = scales.numel()
     # gather one 8-byte (hi, lo) pair per byte: an int64 view of the (256, 2) fp32 table is
