@@ -179,13 +179,16 @@ def prompt_text_of(im, prompt: str) -> str:
 
 
 def test_adapter_info_cli(tmp_path: Path) -> None:
-    from tests.conftest import run_cli
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
 
     model = tiny_model("llama")
     inject_prompt_tuning(model, N)
     save_adapter(model, tmp_path / "pt", base_model_name_or_path="tiny", meta={"method": "prompt_tuning"})
     info = adapter_info(tmp_path / "pt")
     assert (info.method, info.num_virtual_tokens, info.num_params) == ("prompt_tuning", N, N * 64)
-    proc = run_cli("adapter", "info", str(tmp_path / "pt"))
-    assert proc.returncode == 0, proc.stderr
-    assert "virtual tokens 5" in proc.stdout and "token dim      64" in proc.stdout and "parameters     320" in proc.stdout
+    result = CliRunner().invoke(app, ["adapter", "info", str(tmp_path / "pt")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "virtual tokens 5" in result.output and "token dim      64" in result.output
+    assert "parameters     320" in result.output and "init           RANDOM" in result.output

@@ -319,6 +319,10 @@ def _batch_data(run: Run) -> str | None:
         run.train_items = data.packed
     else:  # the model refused the shared prefix build_datasets packed with
         run.train_items = pack_examples(data.train, cfg.data.max_length + virtual_tokens(cfg), cfg.seed, prefix)
+    if virtual_tokens(cfg):
+        where = ("once per packed row, in the shared prefix" if prefix else
+                 "one copy per example in a packed row" if cfg.data.packing else "one copy per example")
+        run.console.print(f"prompt tuning: {virtual_tokens(cfg)} virtual tokens before every example, {where}")
     if prefix:
         run.console.print(f"shared prefix: {prefix} tokens once per packed row; an epoch processes "
                           f"{sum(len(p.input_ids) for p in run.train_items):,} tokens instead of {data.stats.tokens['train']:,}")
