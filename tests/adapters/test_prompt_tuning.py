@@ -192,3 +192,19 @@ def test_adapter_info_cli(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "virtual tokens 5" in result.output and "token dim      64" in result.output
     assert "parameters     320" in result.output and "init           RANDOM" in result.output
+
+
+def test_config_checks_prompt_tuning_settings() -> None:
+    from lorakit.config import load_config
+    from lorakit.errors import ConfigError
+
+    cfg = load_config(None, ["adapter.method=prompt_tuning", "adapter.num_virtual_tokens=8"])
+    assert (cfg.adapter.method, cfg.adapter.num_virtual_tokens, cfg.adapter.prompt_tuning_init_text) == \
+        ("prompt_tuning", 8, None)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["adapter.method=prompt_tuning", "adapter.num_virtual_tokens=0",
+                           "adapter.prompt_tuning_init_text= "])
+    assert "adapter.num_virtual_tokens: must be >= 1, got 0" in str(err.value)
+    assert "adapter.prompt_tuning_init_text: is empty" in str(err.value)
+    with pytest.raises(ConfigError, match="train.kl_to_base.weight: must be 0 with adapter.method prompt_tuning"):
+        load_config(None, ["adapter.method=prompt_tuning", "train.kl_to_base.weight=0.5"])

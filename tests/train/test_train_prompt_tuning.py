@@ -40,7 +40,7 @@ def pt_config(root: Path, name: str, quantization: dict | None = None, **train_o
 
 def test_prompt_tuning_trains_resumes_and_is_used_by_inference(workspace: Path) -> None:
     from lorakit.eval.generate import GenerationSettings, generate_answers, load_for_inference, stream_reply
-    from lorakit.eval.runner import load_eval_set, text_perplexity
+    from lorakit.eval.runner import answer_perplexity, load_eval_set, text_perplexity
 
     first = train(load_config(pt_config(workspace, "pt", max_steps=16, save_every=8)), quiet=True)
     losses = first.losses
@@ -72,6 +72,7 @@ def test_prompt_tuning_trains_resumes_and_is_used_by_inference(workspace: Path) 
     assert stream_reply(im, evalset.prompts[0], settings, lambda piece: None) == tuned[0]  # chat: HF generate
     text = "after red comes green. after blue comes fox."
     assert text_perplexity(im, text) != text_perplexity(base, text)
+    assert answer_perplexity(im, evalset) < answer_perplexity(base, evalset)  # the tuned answers, with the virtual tokens
 
 
 def test_prompt_tuning_on_an_nf4_base(workspace: Path) -> None:

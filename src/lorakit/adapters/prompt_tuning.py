@@ -137,13 +137,6 @@ def inject_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init_text: s
     return layer
 
 
-def remove_prompt_tuning(model: nn.Module) -> None:
-    """Put the model's own input embedding back (the virtual tokens are dropped)."""
-    layer = prompt_embedding(model)
-    if layer is not None:
-        model.set_input_embeddings(layer.embedding)
-
-
 def _model_dims(model: nn.Module) -> tuple[int, int]:
     """(num_layers, num_attention_heads) as PEFT's _prepare_prompt_learning_config reads them."""
     cfg = getattr(model, "config", None)
