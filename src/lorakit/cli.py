@@ -211,7 +211,8 @@ def data_check(
 
     cfg = load_config(config, set_)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
-    stats = check_data(cfg.data, tokenizer, cfg.seed, _console(), num_examples=examples)
+    stats = check_data(cfg.data, tokenizer, cfg.seed, _console(), num_examples=examples,
+                       virtual_tokens=cfg.adapter.virtual_tokens)
     if getattr(stats, "errors", 0):
         raise LorakitError(f"{stats.errors} problem(s) in the data; see the report above")
 

@@ -85,6 +85,11 @@ class AdapterConfig:
     """prompt_tuning: start from this text's token embeddings (PEFT's TEXT init), repeated or cut to
     num_virtual_tokens; None = PEFT's RANDOM init, N(0, 1)."""
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Prompt tuning's virtual tokens in front of every sequence (0 for every other method)."""
+        return self.num_virtual_tokens if self.method == "prompt_tuning" else 0
+
     def check(self) -> list[tuple[str, str]]:
         problems = []
         if self.num_virtual_tokens < 1:

@@ -277,7 +277,7 @@ def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dt
         q = loaded.quantization
         console.print(f"quantized {q['quantized_layers']} linear layers to {q['method']} "
                       f"(compute in {q['compute_dtype']}{', loaded layer by layer' if q['streamed'] else ''})")
-    data = build_datasets(cfg.data, loaded.tokenizer, cfg.seed, virtual_tokens(cfg))
+    data = build_datasets(cfg.data, loaded.tokenizer, cfg.seed, cfg.adapter.virtual_tokens)
     meta = {
         "lorakit_version": __version__, "base_model": cfg.model.name, "method": cfg.adapter.method,
         "template": cfg.data.template, "system_prompt": cfg.data.system_prompt, "max_length": cfg.data.max_length,
@@ -290,11 +290,6 @@ def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dt
     run.adapted = prepare_model(run.model, cfg.adapter, loaded.tokenizer)
     console.print(f"model {cfg.model.name}: {parameter_summary(run.model)}")
     return run
-
-
-def virtual_tokens(cfg: Config) -> int:
-    """Prompt tuning's virtual tokens in front of every sequence (0 for every other method)."""
-    return cfg.adapter.num_virtual_tokens if cfg.adapter.method == "prompt_tuning" else 0
 
 
 def _batch_data(run: Run) -> str | None:
@@ -318,15 +313,15 @@ def _batch_data(run: Run) -> str | None:
     elif prefix == data.stats.shared_prefix and data.packed is not None:
         run.train_items = data.packed
     else:  # the model refused the shared prefix build_datasets packed with
-        run.train_items = pack_examples(data.train, cfg.data.max_length + virtual_tokens(cfg), cfg.seed, prefix)
-    if virtual_tokens(cfg):
+        run.train_items = pack_examples(data.train, cfg.data.max_length + cfg.adapter.virtual_tokens, cfg.seed, prefix)
+    if cfg.adapter.virtual_tokens:
         where = ("once per packed row, in the shared prefix" if prefix else
                  "one copy per example in a packed row" if cfg.data.packing else "one copy per example")
-        run.console.print(f"prompt tuning: {virtual_tokens(cfg)} virtual tokens before every example, {where}")
+        run.console.print(f"prompt tuning: {cfg.adapter.virtual_tokens} virtual tokens before every example, {where}")
     if prefix:
         run.console.print(f"shared prefix: {prefix} tokens once per packed row; an epoch processes "
                           f"{sum(len(p.input_ids) for p in run.train_items):,} tokens instead of {data.stats.tokens['train']:,}")
-    eval_items = (pack_examples(data.eval, cfg.data.max_length + virtual_tokens(cfg), cfg.seed,
+    eval_items = (pack_examples(data.eval, cfg.data.max_length + cfg.adapter.virtual_tokens, cfg.seed,
                                 shared_prefix_length(data.eval) if prefix else 0) if cfg.data.packing else data.eval)
     run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     run.eval_batches = [to_device(b, run.device)
