@@ -84,7 +84,7 @@ RUNS = {  # name -> sections; each trained by 2 ranks in the fixture's one torch
     # prompt tuning: the one trained tensor (the virtual tokens) sits in the root module, outside every decoder layer
     "ddp-prompt_tuning": {"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 4}, "train": {"lr": 0.05}},
     "fsdp-prompt_tuning": {"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 4}, "train": {"lr": 0.05},
-                           "distributed": {"strategy": "fsdp"}},
+                           "distributed": {"strategy": "fsdp"}, "eval": {"every": 3, "max_examples": 2, "max_new_tokens": 4}},
     # the KL anchor to the base (train.kl_to_base): the reference pass runs inside DDP's / FSDP's forward too
     "ddp-kl": {"train": {"kl_to_base": {"weight": 1.0, "on": "all"}}},
     "fsdp-kl": {"train": {"kl_to_base": {"weight": 1.0, "on": "all"}}, "distributed": {"strategy": "fsdp"}},
@@ -163,8 +163,8 @@ def test_fsdp_equals_ddp(workspace: Path, distributed_runs: dict, method: str) -
     for step, (got, want) in enumerate(zip(fsdp["losses"], ddp["losses"]), start=1):
         assert abs(got - want) <= 1e-5, (step, got, want)
     assert fsdp["eval_loss"] == pytest.approx(ddp["eval_loss"], abs=1e-5)
-    if method == "lora":
-        events = [json.loads(line) for line in (workspace / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    if method in ("lora", "prompt_tuning"):  # generation with the virtual tokens prefilled, FSDP's root gathered
+        events = [json.loads(line) for line in (workspace / f"fsdp{suffix}" / "metrics.jsonl").read_text().splitlines()]
         assert [e["step"] for e in events if e["event"] == "gen_eval"] == [3, STEPS]
     if method == "full":
         from safetensors.torch import load_file
