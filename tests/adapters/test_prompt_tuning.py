@@ -135,6 +135,21 @@ def test_merge_and_gguf_export_refuse_prompt_tuning(tmp_path: Path) -> None:
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob("*.gguf"))
 
 
+def test_compare_scale_refuses_prompt_tuning(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    model = tiny_model("llama")
+    inject_prompt_tuning(model, N)
+    save_adapter(model, tmp_path / "pt")
+    (tmp_path / "q.jsonl").write_text('{"prompt": "hi", "completion": "hello"}\n')
+    result = CliRunner().invoke(app, ["compare", "--adapter", str(tmp_path / "pt"), "--data", str(tmp_path / "q.jsonl"),
+                                      "--scale", "0.5,1"], env={"COLUMNS": "300"})
+    assert isinstance(result.exception, LorakitError)  # the CLI's main() prints it as one line, exit 2
+    assert "is a prompt-tuning adapter; its virtual tokens have no strength to scale" in str(result.exception)
+
+
 def test_serve_refuses_prompt_tuning_at_start_up(tmp_path: Path) -> None:
     from lorakit.adapters.state import read_adapter_config
     from lorakit.serve.multi_lora import check_servable
