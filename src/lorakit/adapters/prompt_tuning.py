@@ -70,15 +70,15 @@ class PromptTunedEmbedding(nn.Module):
         return int(self.prompt_embeddings.shape[0])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        lowest = int(input_ids.min()) if input_ids.numel() else 0  # one device sync per call
+        if lowest >= 0:  # no virtual token (a decode step)
+            return self.embedding(input_ids)
+        if lowest < -self.num_virtual_tokens:
+            raise LorakitError(f"a sequence holds virtual token id {lowest}, but the prompt-tuning adapter has "
+                               f"{self.num_virtual_tokens} virtual tokens (ids -1..-{self.num_virtual_tokens})")
         virtual = input_ids < 0  # (B, T)
         embeds = self.embedding(input_ids.clamp(min=0))  # (B, T, H)
-        if not bool(virtual.any()):
-            return embeds
-        index = -1 - input_ids
-        if bool((index >= self.num_virtual_tokens).any()):
-            raise LorakitError(f"a sequence holds virtual token id {int(input_ids.min())}, but the prompt-tuning "
-                               f"adapter has {self.num_virtual_tokens} virtual tokens (ids -1..-{self.num_virtual_tokens})")
-        rows = self.prompt_embeddings[index.clamp(min=0)]  # (B, T, H)
+        rows = self.prompt_embeddings[(-1 - input_ids).clamp(min=0)]  # (B, T, H)
         return torch.where(virtual[..., None], rows.to(embeds.dtype), embeds)
 
 
