@@ -128,8 +128,8 @@ def _print_quantized(console, model: str, method: str, blocksize: int, double_qu
 
 
 @adapter_app.command("info")
-def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-format LoRA adapter directory.")]) -> None:
-    """What an adapter holds: base model, rank, alpha, targets, parameters, file size."""
+def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-format LoRA or prompt-tuning adapter directory.")]) -> None:
+    """What an adapter holds: base model, rank, alpha, targets (prompt tuning: virtual tokens, width), parameters, file size."""
     from rich.text import Text
 
     from lorakit.adapters import adapter_info
@@ -140,11 +140,16 @@ def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-form
     console.print(Text(f"{ai.path}", style="bold"))
     console.print(f"base model     {ai.base_model or 'unknown'}", markup=False)
     console.print(f"method         {ai.method}{' (PEFT use_dora: magnitude + LoRA direction)' if ai.method == 'dora' else ''}")
-    scaling = lora_scaling(ai.alpha, ai.r, ai.use_rslora)
-    console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
-    console.print(f"dropout        {ai.dropout:g}")
-    console.print(f"targets        {ai.target_modules}", markup=False)
-    console.print(f"modules        {len(ai.modules)} adapted layers")
+    if ai.method == "prompt_tuning":
+        console.print(f"virtual tokens {ai.num_virtual_tokens} (prepended to every sequence)")
+        console.print(f"token dim      {ai.token_dim}")
+        console.print(f"init           {'RANDOM' if ai.init_text is None else 'TEXT ' + repr(ai.init_text)}", markup=False)
+    else:
+        scaling = lora_scaling(ai.alpha, ai.r, ai.use_rslora)
+        console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
+        console.print(f"dropout        {ai.dropout:g}")
+        console.print(f"targets        {ai.target_modules}", markup=False)
+        console.print(f"modules        {len(ai.modules)} adapted layers")
     console.print(f"parameters     {ai.num_params:,}")
     console.print(f"files          {human_bytes(ai.file_bytes)}")
     for key, value in (ai.meta.to_dict() if ai.meta else {}).items():
@@ -208,7 +213,8 @@ def data_check(
 
     cfg = load_config(config, set_)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
-    stats = check_data(cfg.data, tokenizer, cfg.seed, _console(), num_examples=examples)
+    stats = check_data(cfg.data, tokenizer, cfg.seed, _console(), num_examples=examples,
+                       virtual_tokens=cfg.adapter.virtual_tokens)
     if getattr(stats, "errors", 0):
         raise LorakitError(f"{stats.errors} problem(s) in the data; see the report above")
 

@@ -67,10 +67,11 @@ class ModelConfig:
 class AdapterConfig:
     """What to train: LoRA adapters on a frozen base, or all weights."""
 
-    method: Literal["lora", "qlora", "dora", "full"] = "lora"
+    method: Literal["lora", "qlora", "dora", "full", "prompt_tuning"] = "lora"
     """lora: adapters on a frozen base; qlora: the same on a 4-bit (NF4) base, see `quantization`;
     dora: DoRA (a trained magnitude per output plus LoRA on the direction; with quantization.method nf4
-    it is QDoRA); full: every weight trains (for comparison)."""
+    it is QDoRA); full: every weight trains (for comparison); prompt_tuning: num_virtual_tokens trained
+    embeddings in front of every sequence, the whole model frozen (Lester et al. 2021; PEFT's PROMPT_TUNING)."""
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -78,9 +79,23 @@ class AdapterConfig:
     """Module names (exact or suffix), regexes (fullmatch), or "all-linear"."""
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    num_virtual_tokens: int = 20
+    """prompt_tuning: how many trained virtual tokens every sequence starts with."""
+    prompt_tuning_init_text: str | None = None
+    """prompt_tuning: start from this text's token embeddings (PEFT's TEXT init), repeated or cut to
+    num_virtual_tokens; None = PEFT's RANDOM init, N(0, 1)."""
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Prompt tuning's virtual tokens in front of every sequence (0 for every other method)."""
+        return self.num_virtual_tokens if self.method == "prompt_tuning" else 0
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.num_virtual_tokens < 1:
+            problems.append(("num_virtual_tokens", f"must be >= 1, got {self.num_virtual_tokens}"))
+        if self.prompt_tuning_init_text is not None and not self.prompt_tuning_init_text.strip():
+            problems.append(("prompt_tuning_init_text", "is empty; give a text, or leave it unset for random init"))
         if self.r <= 0:
             problems.append(("r", f"must be > 0, got {self.r}"))
         if self.alpha <= 0:
@@ -450,6 +465,9 @@ class Config:
             problems.append(("quantization.method", f"is {self.quantization.method}, but adapter.method full trains "
                              "every weight and a quantized base cannot be trained; set quantization.method: none, "
                              "or train adapters with adapter.method: qlora"))
+        if self.adapter.method == "prompt_tuning" and self.train.kl_to_base.weight > 0:
+            problems.append(("train.kl_to_base.weight", "must be 0 with adapter.method prompt_tuning: the KL anchor "
+                             "compares with the base by switching LoRA layers off, and prompt tuning has none"))
         return problems
 
     def resolve(self) -> Config:

@@ -81,6 +81,10 @@ RUNS = {  # name -> sections; each trained by 2 ranks in the fixture's one torch
     "ddp-full": {"adapter": {"method": "full"}, "data": {"packing": False}},
     "fsdp-full": {"adapter": {"method": "full"}, "data": {"packing": False}, "distributed": {"strategy": "fsdp"},
                   "train": {"save_every": 3}},
+    # prompt tuning: the one trained tensor (the virtual tokens) sits in the root module, outside every decoder layer
+    "ddp-prompt_tuning": {"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 4}, "train": {"lr": 0.05}},
+    "fsdp-prompt_tuning": {"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 4}, "train": {"lr": 0.05},
+                           "distributed": {"strategy": "fsdp"}, "eval": {"every": 3, "max_examples": 2, "max_new_tokens": 4}},
     # the KL anchor to the base (train.kl_to_base): the reference pass runs inside DDP's / FSDP's forward too
     "ddp-kl": {"train": {"kl_to_base": {"weight": 1.0, "on": "all"}}},
     "fsdp-kl": {"train": {"kl_to_base": {"weight": 1.0, "on": "all"}}, "distributed": {"strategy": "fsdp"}},
@@ -152,15 +156,15 @@ def test_ddp_2_ranks_equal_one_process_with_the_doubled_batch(workspace: Path, d
         [e["tokens"] for e in single_events if e["event"] == "train"]  # token counts are global
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full", "prompt_tuning"])
 def test_fsdp_equals_ddp(workspace: Path, distributed_runs: dict, method: str) -> None:
     suffix = "" if method == "lora" else f"-{method}"
     ddp, fsdp = distributed_runs[f"ddp{suffix}"], distributed_runs[f"fsdp{suffix}"]
     for step, (got, want) in enumerate(zip(fsdp["losses"], ddp["losses"]), start=1):
         assert abs(got - want) <= 1e-5, (step, got, want)
     assert fsdp["eval_loss"] == pytest.approx(ddp["eval_loss"], abs=1e-5)
-    if method == "lora":
-        events = [json.loads(line) for line in (workspace / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    if method in ("lora", "prompt_tuning"):  # generation with the virtual tokens prefilled, FSDP's root gathered
+        events = [json.loads(line) for line in (workspace / f"fsdp{suffix}" / "metrics.jsonl").read_text().splitlines()]
         assert [e["step"] for e in events if e["event"] == "gen_eval"] == [3, STEPS]
     if method == "full":
         from safetensors.torch import load_file
@@ -170,6 +174,9 @@ def test_fsdp_equals_ddp(workspace: Path, distributed_runs: dict, method: str) -
         assert max_diff(a, b) <= 1e-5
     else:
         assert max_diff(adapter_weights(workspace / f"fsdp{suffix}"), adapter_weights(workspace / f"ddp{suffix}")) <= 1e-5
+    if method == "prompt_tuning":  # the virtual tokens trained (a root parameter under FSDP) and were gathered
+        assert list(adapter_weights(workspace / "fsdp-prompt_tuning")) == ["prompt_embeddings"]
+        assert fsdp["losses"][-1] < fsdp["losses"][0]
     if method == "dora":  # the magnitudes trained (sharded under FSDP) and were gathered into PEFT's keys
         assert sum(k.endswith(".lora_magnitude_vector") for k in adapter_weights(workspace / "fsdp-dora")) == 14
     # the checkpoint holds whole tensors in the single-process layout (FSDP's shards gathered)

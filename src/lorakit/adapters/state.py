@@ -5,6 +5,9 @@
                                 (DoRA, use_dora true: also .lora_magnitude_vector, shape (out,))
     lorakit.json                our own metadata (template, quantization, training), optional
 
+Prompt tuning (adapters.prompt_tuning) is PEFT's PROMPT_TUNING format in the same two files:
+peft_type PROMPT_TUNING, num_virtual_tokens, token_dim, ... and one tensor `prompt_embeddings`.
+
 When loading, the set of adapted modules and each one's rank are read from the weight
 keys and shapes, not from `target_modules`, so PEFT's rank_pattern and any target syntax
 load correctly.
@@ -27,6 +30,9 @@ from torch import nn
 
 from lorakit.adapters.inject import freeze_base, linear_layer_names, lora_layers, wrap_layer
 from lorakit.adapters.lora import LoRALinear
+from lorakit.adapters.prompt_tuning import (PEFT_TYPE as PROMPT_TUNING, PROMPT_KEY, check_prompt_weights,
+                                            inject_prompt_tuning, peft_prompt_config, prompt_config_problem,
+                                            prompt_embedding)
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
 from lorakit.models.quantized import QuantSpec
@@ -44,7 +50,7 @@ class AdapterInfo:
 
     path: Path
     base_model: str | None
-    method: str  # lora | dora (adapter_config.json's use_dora)
+    method: str  # lora | dora (adapter_config.json's use_dora) | prompt_tuning (peft_type PROMPT_TUNING)
     r: int
     alpha: float
     dropout: float
@@ -54,6 +60,14 @@ class AdapterInfo:
     num_params: int
     file_bytes: int
     meta: AdapterMeta | None = None  # lorakit.json; None for a PEFT-made adapter
+    num_virtual_tokens: int = 0  # prompt tuning: the virtual tokens (0 for LoRA)
+    token_dim: int = 0  # prompt tuning: their width (the model's hidden size)
+    init_text: str | None = None  # prompt tuning: PEFT's prompt_tuning_init_text (None: RANDOM init)
+
+
+def has_adapter(model: nn.Module) -> bool:
+    """The model carries something save_adapter writes: LoRA layers or prompt-tuning virtual tokens."""
+    return prompt_embedding(model) is not None or any(True for _ in lora_layers(model))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -99,7 +113,15 @@ def save_adapter(
     """Write the model's LoRA adapters to `directory` in PEFT's format, atomically.
 
     `meta` (lorakit.json) may be given as a mapping of its keys; it is checked as reading checks it.
+    A prompt-tuned model (adapters.prompt_tuning) is written in PEFT's PROMPT_TUNING format.
     """
+    directory = Path(directory)
+    if meta and not isinstance(meta, AdapterMeta):
+        meta = AdapterMeta.from_dict(dict(meta), directory / LORAKIT_META)
+    if prompt_embedding(model) is not None:
+        prompt = prompt_embedding(model).prompt_embeddings.detach().cpu().contiguous()
+        return _write_adapter(directory, peft_prompt_config(model, base_model_name_or_path), {PROMPT_KEY: prompt},
+                              meta, overwrite)
     layers = list(lora_layers(model))
     if not layers:
         raise LorakitError("the model has no LoRA adapters to save; inject or load one first")
@@ -130,10 +152,12 @@ def save_adapter(
     if len(ranks) > 1 or len(alphas) > 1:  # per-layer ranks: PEFT's patterns, by exact path
         config["rank_pattern"] = {re.escape(n): layer.r for n, layer in layers if layer.r != first.r}
         config["alpha_pattern"] = {re.escape(n): layer.alpha for n, layer in layers if layer.alpha != first.alpha}
-    directory = Path(directory)
-    if meta and not isinstance(meta, AdapterMeta):
-        meta = AdapterMeta.from_dict(dict(meta), directory / LORAKIT_META)
-    weights = adapter_state_dict(model)
+    return _write_adapter(directory, config, adapter_state_dict(model), meta, overwrite)
+
+
+def _write_adapter(directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                   meta: AdapterMeta | None, overwrite: bool) -> Path:
+    """adapter_model.safetensors + adapter_config.json (+ lorakit.json), atomically; nothing NaN is written."""
     require_finite(weights, f"not writing adapter {directory}")
     with atomic_dir(directory, overwrite=overwrite) as tmp:
         save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -158,8 +182,14 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LorakitError(f"{cfg_path} is not valid JSON ({err}); the adapter is damaged") from None
     peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == PROMPT_TUNING:
+        problem = prompt_config_problem(config)
+        if problem:
+            raise LorakitError(f"{cfg_path}: {problem}; the adapter config is damaged or not from a prompt-tuning trainer")
+        return config
     if peft_type != "LORA":
-        raise LorakitError(f"{cfg_path}: peft_type is {peft_type or 'missing'}; lorakit loads LORA adapters")
+        raise LorakitError(f"{cfg_path}: peft_type is {peft_type or 'missing'}; lorakit loads LORA and PROMPT_TUNING "
+                           "adapters")
     if not isinstance(config.get("use_dora", False), bool):
         raise LorakitError(f"{cfg_path}: use_dora is {config['use_dora']!r}, expected true or false; the adapter config is damaged")
     if config.get("modules_to_save"):
@@ -360,6 +390,8 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
+    if is_prompt_tuning(config):
+        return _load_prompt_tuning(model, directory, config, weights, trainable)
     modules = adapted_modules(weights, directory)
     present = set(linear_layer_names(model))
     missing = [m for m in modules if m not in present]
@@ -403,6 +435,24 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
         for _, layer in lora_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(False)
+    return adapter_info(directory, config, weights)
+
+
+def is_prompt_tuning(config: dict[str, Any]) -> bool:
+    """adapter_config.json (as read_adapter_config returns it) is PEFT's PROMPT_TUNING."""
+    return str(config.get("peft_type", "")).upper() == PROMPT_TUNING
+
+
+def _load_prompt_tuning(model: nn.Module, directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                        trainable: bool) -> AdapterInfo:
+    if any(True for _ in lora_layers(model)):
+        raise LorakitError(f"adapter {directory} is a prompt-tuning adapter but the model already holds LoRA layers; "
+                           "load it on a plain model")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    token_dim = int(embedding.weight.shape[1]) if embedding is not None else None
+    prompt = check_prompt_weights(weights, config, directory, token_dim)
+    layer = inject_prompt_tuning(model, int(prompt.shape[0]), config.get("prompt_tuning_init_text"), prompt=prompt)
+    layer.prompt_embeddings.requires_grad_(trainable)
     return adapter_info(directory, config, weights)
 
 
@@ -456,6 +506,13 @@ def adapter_info(
     weights = weights if weights is not None else read_adapter_weights(directory)
     meta = read_adapter_meta(directory)
     file_bytes = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    if is_prompt_tuning(config):
+        prompt = check_prompt_weights(weights, config, directory)
+        return AdapterInfo(path=directory, base_model=config.get("base_model_name_or_path"), method="prompt_tuning",
+                           r=0, alpha=0.0, dropout=0.0, use_rslora=False, target_modules=[], modules=[],
+                           num_params=prompt.numel(), file_bytes=file_bytes, meta=meta,
+                           num_virtual_tokens=int(prompt.shape[0]), token_dim=int(prompt.shape[1]),
+                           init_text=config.get("prompt_tuning_init_text"))
     return AdapterInfo(
         path=directory,
         base_model=config.get("base_model_name_or_path"),

@@ -27,9 +27,13 @@ UNTRAINED = "dim"
 CUT = "red strike"
 
 
-def check_data(cfg: DataConfig, tokenizer: Any, seed: int, console: Console, num_examples: int = 3) -> DataStats:
-    """Print examples and counts for `cfg`; `stats.errors` > 0 means the data needs fixing."""
-    bundle = collect(cfg, tokenizer, seed, strict=False)
+def check_data(cfg: DataConfig, tokenizer: Any, seed: int, console: Console, num_examples: int = 3,
+               virtual_tokens: int = 0) -> DataStats:
+    """Print examples and counts for `cfg`; `stats.errors` > 0 means the data needs fixing.
+
+    virtual_tokens (prompt tuning): counted and packed as training will (the examples are shown as text).
+    """
+    bundle = collect(cfg, tokenizer, seed, strict=False, virtual_tokens=virtual_tokens)
     stats = bundle.stats
     template = resolve_template(cfg.template, tokenizer)
     console.print(f"template: [bold]{template}[/]   max_length: {cfg.max_length}   "

@@ -21,6 +21,7 @@ from lorakit.data.packing import PackedSequence, pack_examples, real_token_fract
 from lorakit.data.readers import Record, iter_records
 from lorakit.data.templates import Rendered, control_strings, find_control, render, resolve_template
 from lorakit.data.tokenize import TokenizedExample, tokenize_examples
+from lorakit.data.virtual import with_virtual_tokens
 from lorakit.errors import DataError, LorakitError
 
 SPLITS = ("train", "eval", "test")
@@ -69,12 +70,16 @@ class DataBundle:
     statistics and for training."""
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> DataBundle:
-    """Tokenized splits ready for `pack_examples` / `make_batches`; raises DataError on bad data."""
-    return collect(cfg, tokenizer, seed, strict=True)
+def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int, virtual_tokens: int = 0) -> DataBundle:
+    """Tokenized splits ready for `pack_examples` / `make_batches`; raises DataError on bad data.
+
+    virtual_tokens=n (prompt tuning): every example starts with the n virtual tokens (data.virtual);
+    data.max_length counts the text, so a packed row holds up to max_length + n tokens.
+    """
+    return collect(cfg, tokenizer, seed, strict=True, virtual_tokens=virtual_tokens)
 
 
-def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBundle:
+def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool, virtual_tokens: int = 0) -> DataBundle:
     """`build_datasets`; with strict=False, empty loss masks are counted and dropped, not raised."""
     if not cfg.train_files:
         raise DataError("data.train is not set; give a JSONL/JSON/CSV/Parquet file (or a list of them)")
@@ -86,7 +91,8 @@ def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBun
     held_out = {"eval": cfg.eval_ratio if "eval" not in loaded else 0.0,
                 "test": cfg.test_ratio if "test" not in loaded else 0.0}
     parts = split_indices(len(train), held_out["eval"], held_out["test"], seed)
-    splits = {name: loaded[name] if name in loaded and name != "train" else [train[i] for i in parts[name]]
+    splits = {name: with_virtual_tokens(loaded[name] if name in loaded and name != "train" else
+                                        [train[i] for i in parts[name]], virtual_tokens)
               for name in SPLITS}
     if strict and not splits["train"]:
         raise DataError(f"{', '.join(cfg.train_files)}: no training examples left after holding out eval/test; "
@@ -102,8 +108,8 @@ def collect(cfg: DataConfig, tokenizer: Any, seed: int, strict: bool) -> DataBun
     packed = None
     if cfg.packing:
         stats.shared_prefix = shared_prefix_length(splits["train"]) if cfg.share_prefix else 0
-        packed = pack_examples(splits["train"], cfg.max_length, seed, stats.shared_prefix)
-        stats.real_token_fraction = real_token_fraction(packed, cfg.max_length)
+        packed = pack_examples(splits["train"], cfg.max_length + virtual_tokens, seed, stats.shared_prefix)
+        stats.real_token_fraction = real_token_fraction(packed, cfg.max_length + virtual_tokens)
         stats.packed_tokens = sum(len(p.input_ids) for p in packed)
     return DataBundle(splits["train"], splits["eval"], splits["test"], stats, packed)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from lorakit.adapters.inject import scale_lora
+from lorakit.adapters.state import is_prompt_tuning, read_adapter_config
 from rich.text import Text
 
 from lorakit.errors import LorakitError
@@ -185,6 +186,9 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
     for adapter in adapters:
         if not (adapter / "adapter_config.json").is_file():
             raise LorakitError(f"--adapter {adapter} is not an adapter directory (no adapter_config.json)")
+        if scales is not None and is_prompt_tuning(read_adapter_config(adapter)):
+            raise LorakitError(f"--scale: {adapter} is a prompt-tuning adapter; its virtual tokens have no strength "
+                               "to scale (compare it without --scale)")
     if not 0 < retention_threshold <= 1:
         raise LorakitError(f"--retention-threshold must be in (0, 1], got {retention_threshold}")
     if perplexity_threshold < 0:

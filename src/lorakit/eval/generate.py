@@ -7,6 +7,10 @@ asked in the format it learned. Decoding is our own KV-cached loop over left-pad
 streamer for `stream_reply`: greedy when temperature is 0, else sampling with temperature and
 top-p from a seeded generator. Generation stops at EOS, at the template's end-of-turn token, or at any
 of the given stop strings (which are cut from the answer).
+
+A prompt-tuned model (adapters.prompt_tuning) gets its virtual tokens in front of every prompt
+(`prompt_ids`): they are prefilled with the prompt into the KV cache, positions 0..n-1, as
+PEFT's generate prepends them; all prompts of a batch share them, so `_encode` runs them once.
 """
 
 from __future__ import annotations
@@ -185,8 +189,7 @@ def generate_answers(
     if batch_size < 1:
         raise LorakitError(f"batch size must be >= 1, got {batch_size}")
     tok = im.tokenizer
-    texts = [prompt_text(p, im, system_prompt) for p in prompts]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [prompt_ids(im, prompt_text(p, im, system_prompt)) for p in prompts]
     device = next(im.model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     eos = set(stop_token_ids(im))
@@ -211,6 +214,13 @@ def generate_answers(
         if on_batch:
             on_batch(len(chunk))
     return outputs
+
+
+def prompt_ids(im: InferenceModel, text: str) -> list[int]:
+    """The token ids the model is given for a prompt text: its virtual tokens (prompt tuning), then the text's."""
+    from lorakit.adapters.prompt_tuning import model_virtual_ids
+
+    return model_virtual_ids(im.model) + list(im.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _decode(model: nn.Module, enc: dict[str, Any], settings: GenerationSettings, eos: set[int],
@@ -329,8 +339,8 @@ def stream_reply(im: InferenceModel, messages: Sequence[Message], settings: Gene
 
     settings.check()
     tok = im.tokenizer
-    text = prompt_text(messages, im)
-    enc = tok(text, return_tensors="pt", add_special_tokens=False).to(next(im.model.parameters()).device)
+    ids = torch.tensor([prompt_ids(im, prompt_text(messages, im))], device=next(im.model.parameters()).device)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=stop_token_ids(im) or None,
                                   pad_token_id=tok.pad_token_id, streamer=streamer, use_cache=True)

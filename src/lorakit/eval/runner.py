@@ -115,12 +115,15 @@ def answer_perplexity(im: InferenceModel, evalset: EvalSet, max_length: int = 51
     """exp(mean loss on the answer tokens), rendered and masked exactly as in training."""
     from lorakit.data import make_batches
     from lorakit.data.templates import render, resolve_template
+    from lorakit.adapters.prompt_tuning import model_virtual_ids
     from lorakit.data.tokenize import tokenize_examples
+    from lorakit.data.virtual import with_virtual_tokens
 
     template = resolve_template(im.template, im.tokenizer)
     rendered = [render([*p, {"role": "assistant", "content": t.reference}], template, im.tokenizer, im.system_prompt)
                 for p, t in zip(evalset.prompts, evalset.targets)]
     items = [x for x in tokenize_examples(rendered, im.tokenizer, max_length) if x.num_trained > 0]
+    items = with_virtual_tokens(items, len(model_virtual_ids(im.model)))  # prompt tuning: as in training
     if not items:
         return None
     pad = im.tokenizer.pad_token_id if im.tokenizer.pad_token_id is not None else 0
@@ -129,22 +132,30 @@ def answer_perplexity(im: InferenceModel, evalset: EvalSet, max_length: int = 51
 
 @torch.no_grad()
 def text_perplexity(im: InferenceModel, text: str, max_length: int = 512, batch_size: int = 4) -> float | None:
-    """exp(mean next-token loss) over a plain text, in non-overlapping windows of max_length tokens."""
+    """exp(mean next-token loss) over a plain text, in non-overlapping windows of max_length tokens.
+
+    A prompt-tuned model sees its virtual tokens before each window; the targets are the same
+    (each window's first token is never one), so the figure compares with the base's.
+    """
+    from lorakit.adapters.prompt_tuning import model_virtual_ids
+    from lorakit.data.virtual import virtual_row
+
     ids = im.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
         return None
-    windows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
-    windows = [w for w in windows if len(w) > 1]
+    n = len(model_virtual_ids(im.model))
+    windows = [virtual_row(ids[i : i + max_length], ids[i : i + max_length], n) for i in range(0, len(ids), max_length)]
+    windows = [(w, t) for w, t in windows if len(w) - n > 1]
     batches = []
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        width = max(len(w) for w in chunk)
+        width = max(len(w) for w, _ in chunk)
         input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for b, w in enumerate(chunk):
+        for b, (w, t) in enumerate(chunk):
             input_ids[b, : len(w)] = torch.tensor(w)
-            labels[b, : len(w)] = torch.tensor(w)
+            labels[b, : len(w)] = torch.tensor(t)
             mask[b, : len(w)] = 1
         batches.append({"input_ids": input_ids, "labels": labels, "attention_mask": mask})
     return _perplexity(im, batches)

@@ -57,6 +57,9 @@ def check_lora_dir(adapter: Path) -> None:
         hint = (f"it holds a full model (config.json): export it whole with --model {adapter} and without --adapter-only"
                 if (adapter / "config.json").is_file() else "give the directory a LoRA training run wrote (run/adapter)")
         raise LorakitError(f"--adapter-only needs a LoRA adapter directory (adapter_config.json); {adapter} has none; {hint}")
+    from lorakit.export.merge import AdapterRef, read_adapter
+
+    read_adapter(AdapterRef(adapter))  # a prompt-tuning adapter is refused here, with its reason
 
 
 def write_lora_gguf(adapter: Path, config: Any, out: Path, kind: str = "f16", name: str | None = None,

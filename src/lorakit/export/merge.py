@@ -35,6 +35,7 @@ from lorakit.adapters.state import (
     adapted_modules,
     adapter_magnitude,
     base_model_of,
+    is_prompt_tuning,
     layer_alpha,
     read_adapter_config,
     read_adapter_meta,
@@ -86,7 +87,12 @@ def parse_adapter_arg(text: str) -> AdapterRef:
 
 
 def read_adapter(ref: AdapterRef) -> AdapterRef:
+    """The adapter's config and lorakit.json; a prompt-tuning adapter is refused (merge and export gguf call this first)."""
     ref.config = read_adapter_config(ref.path)
+    if is_prompt_tuning(ref.config):
+        raise LorakitError(f"{ref.path} is a prompt-tuning adapter: its virtual tokens are extra inputs, not a change "
+                           "to any weight, so it cannot be merged into the model; use it with --adapter in "
+                           "lorakit generate / eval / chat")
     ref.meta = read_adapter_meta(ref.path) or AdapterMeta()
     return ref
 

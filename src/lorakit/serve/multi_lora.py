@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.inject import wrap_layer
+from lorakit.adapters.state import is_prompt_tuning
 from lorakit.quant.linear import is_linear
 from lorakit.adapters.lora import LoRALinear, linear_dims
 from lorakit.errors import LorakitError
@@ -83,7 +84,12 @@ class MultiLoRALinear(nn.Module):
 
 
 def check_servable(name: str, path: Path, config: dict[str, Any]) -> None:
-    """Refuse what MultiLoRALinear cannot compute: DoRA's per-row rescaling by m / ||W + s B A|| is not batched."""
+    """Refuse what MultiLoRALinear cannot compute: DoRA's per-row rescaling by m / ||W + s B A|| is not batched,
+    and a prompt-tuning adapter changes no layer (its virtual tokens would need a per-request embedding path)."""
+    if is_prompt_tuning(config):
+        raise LorakitError(f"adapter {name} ({path}): serve does not take prompt-tuning adapters: the engine batches "
+                           "per-layer LoRA updates by slot and has no per-request virtual-token path; use lorakit "
+                           "generate / chat --adapter")
     if config.get("use_dora"):
         raise LorakitError(f"adapter {name} ({path}): serve does not batch DoRA adapters yet; merge it with "
                            "lorakit merge and serve the merged model")

@@ -24,9 +24,9 @@ from torch import nn
 
 from lorakit import __version__
 from lorakit.adapters.fused_mlp import fuse_lora_mlps
-from lorakit.adapters.inject import lora_layers, parameter_summary
+from lorakit.adapters.inject import parameter_summary
 from lorakit.adapters.setup import prepare_model
-from lorakit.adapters.state import save_adapter
+from lorakit.adapters.state import has_adapter, save_adapter
 from lorakit.config import Config, dump_config
 from lorakit.data.batching import to_device
 from lorakit.errors import LorakitError
@@ -277,7 +277,7 @@ def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dt
         q = loaded.quantization
         console.print(f"quantized {q['quantized_layers']} linear layers to {q['method']} "
                       f"(compute in {q['compute_dtype']}{', loaded layer by layer' if q['streamed'] else ''})")
-    data = build_datasets(cfg.data, loaded.tokenizer, cfg.seed)
+    data = build_datasets(cfg.data, loaded.tokenizer, cfg.seed, cfg.adapter.virtual_tokens)
     meta = {
         "lorakit_version": __version__, "base_model": cfg.model.name, "method": cfg.adapter.method,
         "template": cfg.data.template, "system_prompt": cfg.data.system_prompt, "max_length": cfg.data.max_length,
@@ -287,7 +287,7 @@ def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dt
         cfg.model.revision = meta["base_model_revision"] = loaded.revision
     run = Run(cfg, run_dir, console, device, amp_dtype, loaded.model, loaded.tokenizer, data, meta)
     run.stopper = _early_stopper(cfg, data.eval)  # None without train.early_stop
-    run.adapted = prepare_model(run.model, cfg.adapter)
+    run.adapted = prepare_model(run.model, cfg.adapter, loaded.tokenizer)
     console.print(f"model {cfg.model.name}: {parameter_summary(run.model)}")
     return run
 
@@ -313,12 +313,16 @@ def _batch_data(run: Run) -> str | None:
     elif prefix == data.stats.shared_prefix and data.packed is not None:
         run.train_items = data.packed
     else:  # the model refused the shared prefix build_datasets packed with
-        run.train_items = pack_examples(data.train, cfg.data.max_length, cfg.seed, prefix)
+        run.train_items = pack_examples(data.train, cfg.data.max_length + cfg.adapter.virtual_tokens, cfg.seed, prefix)
+    if cfg.adapter.virtual_tokens:
+        where = ("once per packed row, in the shared prefix" if prefix else
+                 "one copy per example in a packed row" if cfg.data.packing else "one copy per example")
+        run.console.print(f"prompt tuning: {cfg.adapter.virtual_tokens} virtual tokens before every example, {where}")
     if prefix:
         run.console.print(f"shared prefix: {prefix} tokens once per packed row; an epoch processes "
                           f"{sum(len(p.input_ids) for p in run.train_items):,} tokens instead of {data.stats.tokens['train']:,}")
-    eval_items = (pack_examples(data.eval, cfg.data.max_length, cfg.seed, shared_prefix_length(data.eval) if prefix else 0)
-                  if cfg.data.packing else data.eval)
+    eval_items = (pack_examples(data.eval, cfg.data.max_length + cfg.adapter.virtual_tokens, cfg.seed,
+                                shared_prefix_length(data.eval) if prefix else 0) if cfg.data.packing else data.eval)
     run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     run.eval_batches = [to_device(b, run.device)
                         for b in make_batches(eval_items, tc.batch_size, run.pad_id, cfg.seed, 0, shuffle=False)]
@@ -606,7 +610,7 @@ def _keep_best_generation(run: Run, result: dict[str, Any] | None, step: int) ->
     value = None if result is None else result["metrics"].get(stopper.metric)
     if value is not None:  # the ranks' mean, so every rank takes the same decision
         value = dist.sum_over_ranks(float(value)) / dist.world_size()
-    if stopper.update(step, value) and any(True for _ in lora_layers(model)):  # every rank: FSDP gathers
+    if stopper.update(step, value) and has_adapter(model):  # every rank: FSDP gathers
         dist.on_main(model, save_adapter, model, run.run_dir / "adapter-best", run.cfg.model.name,
                      dict(run.meta, step=step, best_metric=stopper.metric, best_value=value))
 
@@ -641,16 +645,16 @@ def _eval_and_keep_best(run: Run, state: TrainState) -> float | None:
         run.log.write("eval", step=step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
     if loss < state.best_eval_loss:
         state.best_eval_loss = loss
-        if run.cfg.train.early_stop is None and any(True for _ in lora_layers(model)):  # every rank: FSDP gathers
+        if run.cfg.train.early_stop is None and has_adapter(model):  # every rank: FSDP gathers
             dist.on_main(model, save_adapter, model, run.run_dir / "adapter-best", run.cfg.model.name,
                          dict(run.meta, step=step, eval_loss=loss))
     return loss
 
 
 def _save_final(run: Run) -> None:
-    """adapter/ (LoRA) or model/ (full fine-tuning: a whole HF model with its tokenizer); rank 0."""
+    """adapter/ (LoRA, prompt tuning) or model/ (full fine-tuning: a whole HF model with its tokenizer); rank 0."""
     model, run_dir = run.model, run.run_dir
-    if any(True for _ in lora_layers(model)):
+    if has_adapter(model):
         save_adapter(model, run_dir / "adapter", run.cfg.model.name, run.meta)
         return
     from lorakit.adapters.state import require_finite
