@@ -115,7 +115,7 @@ def test_first_question_and_the_example_words() -> None:
     assert first_question("Sure! Here is a question.\nWho built it?") == ""  # the first line is no question
     assert first_question("") == ""
     words = example_words()
-    assert {"library", "bakery", "lopez"} <= words and "the" not in words
+    assert {"library", "bakery", "lopez", "1987"} <= words and not {"the", "open", "year", "am"} & words
     turns = question_prompt("The pier is 40 metres long.", "40 metres")
     assert [t["role"] for t in turns] == ["user", "assistant"] * len(QUESTION_EXAMPLES) + ["user"]
     assert turns[-1]["content"].startswith("Text: The pier is 40 metres long.\nAnswer: 40 metres\n")
@@ -144,37 +144,41 @@ def test_answer_first_end_to_end_cached_and_resumable(tmp_path: Path) -> None:
     doc = write_doc(tmp_path / "docs")
     with TeacherServer(respond) as server:
         report = _run(server, doc, tmp_path / "out")
-        # 8 (sentence, answer) items: 8 questions; 5 pass the checks and are answered back, 4 survive; 2 rewordings
-        # of each of the 4 (8 calls), 6 of them pass the checks and are answered back
+        # 8 (sentence, answer) items: 8 questions; 5 pass the checks and are answered back, 4 survive; the other 4
+        # tried again blanked: 3 pass the checks, 2 survive their round trip; 2 rewordings of each of the 6 kept
+        # (12 calls), 9 of them pass the checks and are answered back, 8 survive
         assert report["answer_first"] == {"sentence_answers": 8, "calls_by_stage": {
-            "questions": 8, "questions round trip": 5, "rewordings": 8, "rewordings round trip": 6}}
-        # 27 calls, 26 asked: the duplicate rewording's round trip is its question's, taken from the cache
-        assert report["calls"]["total"] == 27 and report["calls"]["cached"] == 1 and server.hits == 26
-        rejected = report["rejected"]
+            "questions": 8, "questions round trip": 5, "questions (blank)": 4, "questions (blank) round trip": 3,
+            "rewordings": 12, "rewordings round trip": 9}}
+        # 41 calls, 39 asked: a rewording equal to its question has the same round trip, taken from the cache
+        assert report["calls"]["total"] == 41 and report["calls"]["cached"] == 2 and server.hits == 39
+        rejected = report["rejected"]  # tries, not pairs: a pair lost twice counts twice
         assert {k: rejected[k] for k in ("no question", "question holds the answer", "prompt example", "round trip",
-                                         "duplicate")} == {"no question": 2, "question holds the answer": 2,
-                                                           "prompt example": 1, "round trip": 2, "duplicate": 1}
+                                         "duplicate")} == {"no question": 4, "question holds the answer": 2,
+                                                           "prompt example": 1, "round trip": 3, "duplicate": 2}
         out = tmp_path / "out"
         train, heldout, unanswerable = (_read(out / f"{n}.jsonl") for n in ("train", "heldout", "unanswerable"))
         facts = [r for r in train + heldout if r["kind"] == "fact"]
-        assert len(facts) == 8 and {r["fact"] for r in facts} == {"Gull Point", "Mara Quill", "19 nautical miles"}
+        assert len(facts) == 12 and {r["fact"] for r in facts} == {"Gull Point", "Mara Quill", "19 nautical miles",
+                                                                   "1887", "10 o'clock"}
         text = doc.read_text()
         for r in facts:  # the answer is the document's sentence, which holds the fact
             assert r["messages"][1]["content"] in " ".join(text.split()) and r["fact"] in r["messages"][1]["content"]
         assert all(r["variant"] == "paraphrase" for r in heldout) and heldout
         questions = {r["messages"][0]["content"] for r in facts}
         assert "In which year was the lighthouse built?" not in questions  # its round trip failed
+        assert "When was the Gull Point lighthouse built?" in questions  # the blanked second try
         refusals = [r for r in train + unanswerable if r["kind"] == "refusal"]
         assert len(refusals) + rejected["answerable"] == 2  # names swapped for made-up ones, two per window at most
         for r in refusals:
             q = r["messages"][0]["content"]
-            assert re.fullmatch(r"(Which lighthouse did \w+ Quill build in 1887|Who built the \w+ Point lighthouse)\?", q)
+            assert re.fullmatch(r"(Which lighthouse did \w+ Quill build in 1887|When was the \w+ Point lighthouse built)\?", q)
             assert q not in questions and r["messages"][1]["content"] == "I can't answer that from the handbook."
 
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".jsonl"}
         server.hits = 0
         again = _run(server, doc, out)  # the same inputs: every call from the cache, the same files
-        assert server.hits == 0 and again["calls"]["cached"] == 27
+        assert server.hits == 0 and again["calls"]["cached"] == 41
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".jsonl"} == before
 
         server.hits, server.good, server.fail_after = 0, 0, 10  # interrupted after 10 answers
@@ -182,5 +186,5 @@ def test_answer_first_end_to_end_cached_and_resumable(tmp_path: Path) -> None:
             _run(server, doc, tmp_path / "cut", "synth.retries=0", "synth.concurrency=1")
         server.hits, server.fail_after = 0, None
         resumed = _run(server, doc, tmp_path / "cut", "synth.concurrency=1")
-        assert server.hits == 26 - 10 and resumed["calls"]["cached"] == 10 + 1
+        assert server.hits == 39 - 10 and resumed["calls"]["cached"] == 10 + 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "cut").iterdir() if p.suffix == ".jsonl"} == before

@@ -12,7 +12,9 @@ consistency; Lewis et al. 2021, PAQ) splits the job so the model only does the p
    as earlier chat turns (generic sentences, not from any user's documents); the reply's first line,
    `question_tokens` at most. Dropped: a reply that is no question ("no question"), a question that
    holds its own answer ("question holds the answer"), one that uses a word found only in the
-   examples ("prompt example").
+   examples ("prompt example"). A pair dropped here or at its round trip gets one second try with
+   the sentence's answer blanked out ("The winter timetable begins on ___ each year."; the cloze
+   form of Lewis et al. 2019, unsupervised QA), which stops "What is <the answer>?" questions.
 3. **Round trip.** The teacher answers its own question given the sentence (`answer_tokens`); the
    pair is kept only when that answer holds the extracted span (SQuAD-normalised, on word
    boundaries, as the evaluator's `fact` metric; for a number with its noun, the number alone
@@ -54,6 +56,13 @@ QUESTION_EXAMPLES = (
     ("The bakery was founded by Maria Lopez in 1987.", "1987", "In which year was the bakery founded?"),
     ("Peter Quill is the head gardener and looks after the rose beds.", "head gardener", "What is Peter Quill's job?"),
 )
+BLANK_EXAMPLES = (
+    ("The bakery was founded by ___ in 1987.", "Who founded the bakery in 1987?"),
+    ("The bakery was founded by Maria Lopez in ___.", "In which year did Maria Lopez found the bakery?"),
+    ("The library on Elm Street opens at ___ on weekdays.", "What time does the library on Elm Street open on weekdays?"),
+    ("The museum's largest room, the Blue Hall, holds ___.", "How many visitors does the Blue Hall hold?"),
+    ("Peter Quill is the ___ and looks after the rose beds.", "What is Peter Quill's job?"),
+)
 ANSWER_EXAMPLES = (
     ("The library on Elm Street opens at 9 am on weekdays.", "When does the library open?", "9 am"),
     ("The bakery was founded by Maria Lopez in 1987.", "Who founded the bakery?", "Maria Lopez"),
@@ -85,6 +94,17 @@ def question_prompt(sentence: str, answer: str) -> list[dict[str, str]]:
     return turns + [{"role": "user", "content": ask_for(sentence, answer)}]
 
 
+def blank_prompt(sentence: str, span: Span) -> list[dict[str, str]]:
+    """The second try: the sentence with its answer blanked out (a cloze), to be turned into a question."""
+    def ask_for(cloze: str) -> str:
+        return f"Text: {cloze}\nWrite the question whose answer goes in the blank ___."
+
+    turns: list[dict[str, str]] = []
+    for cloze, q in BLANK_EXAMPLES:
+        turns += [{"role": "user", "content": ask_for(cloze)}, {"role": "assistant", "content": q}]
+    return turns + [{"role": "user", "content": ask_for(sentence[:span.start] + "___" + sentence[span.end:])}]
+
+
 def answer_prompt(sentence: str, question: str) -> list[dict[str, str]]:
     def ask_for(s: str, q: str) -> str:
         return f"Text: {s}\nQuestion: {q}\nAnswer with a few words from the text."
@@ -103,13 +123,21 @@ def reword_prompt(question: str, which: int) -> list[dict[str, str]]:
     return turns + [{"role": "user", "content": instruction.format(q=question)}]
 
 
-def example_words() -> set[str]:
-    """The key terms of every worked example in the prompts (a copied example uses them)."""
-    from lorakit.synth.filters import key_terms
+EXAMPLE_TOPICS = ("library", "bakery", "museum", "gardener", "visitors", "weekdays")
+"""What the worked examples are about, besides their names and numbers."""
 
-    texts = [t for ex in QUESTION_EXAMPLES + ANSWER_EXAMPLES for t in ex]
+
+def example_words() -> set[str]:
+    """The words a copied example gives itself away by: the examples' answers, names and numbers, and topics.
+
+    Not every word of the examples: "open" or "year" in a question says nothing."""
+    from lorakit.synth.filters import words
+
+    texts = [t for ex in QUESTION_EXAMPLES + ANSWER_EXAMPLES + BLANK_EXAMPLES for t in ex]
     texts += [t for _, pairs in REWORD_EXAMPLES for pair in pairs for t in pair]
-    return set().union(*(key_terms(t) for t in texts))
+    found = {w for t in texts for s in answer_spans(t.replace("___", "")) if s.kind != "role" for w in words(s.text)
+             if len(w) > 2}  # not "am" of "9 am"
+    return found | set(EXAMPLE_TOPICS)
 
 
 def first_question(reply: str) -> str:
@@ -146,13 +174,13 @@ class Item:
 def _checked(question: str, item: Item, foreign: set[str]) -> str | None:
     """Why a written question is dropped before its round trip, or None."""
     from lorakit.eval.metrics import fact_match
-    from lorakit.synth.filters import key_terms
+    from lorakit.synth.filters import words
 
     if not question:
         return "no question"
     if fact_match(_POSSESSIVE.sub("", question), _POSSESSIVE.sub("", item.span.text)):  # "Alma Frost's" holds "Alma Frost"
         return "question holds the answer"
-    if key_terms(question) & foreign - key_terms(item.sentence):
+    if set(words(question)) & foreign - set(words(item.sentence)):
         return "prompt example"
     return None
 
@@ -202,7 +230,15 @@ class AnswerFirst:
         foreign = example_words() - {t for d in documents for t in _terms(d)}
         questions = self._ask("questions", [question_prompt(i.sentence, i.span.text) for i in items],
                               cfg.question_tokens)
-        kept = [i for _, i in self._written("questions", items, [first_question(q) for q in questions], foreign)]
+        first = self._written("questions", items, [first_question(q) for q in questions], foreign)
+        done = {n for n, _ in first}
+        retry = [n for n in range(len(items)) if n not in done]  # a second try, the answer blanked out
+        blanked = self._ask("questions (blank)", [blank_prompt(items[n].sentence, items[n].span) for n in retry],
+                            cfg.question_tokens)
+        second = self._written("questions (blank)", [items[n] for n in retry], [first_question(q) for q in blanked],
+                               foreign)
+        by_item = {n: i for n, i in first} | {retry[n]: i for n, i in second}
+        kept = [by_item[n] for n in sorted(by_item)]
         out = [Candidate("fact", "question", i.question, i.sentence, i.span.text, i.window, g) for g, i in enumerate(kept)]
         for which in range(cfg.paraphrases):  # group g: the kept question g and its rewordings
             reworded = self._ask("rewordings", [reword_prompt(i.question, which) for i in kept], cfg.question_tokens)
