@@ -323,6 +323,9 @@ class SynthConfig:
     """answer_first: reply tokens for a question or a rewording."""
     answer_tokens: int = 24
     """answer_first: reply tokens for the round-trip answer."""
+    round_trip: str = "contains"
+    """answer_first: contains keeps a pair when the teacher's answer holds the span; exclusive also asks that it
+    holds none of the sentence's other spans the question does not name (stricter: fewer, cleaner pairs)."""
     window_tokens: int = 384
     """Document text per teacher call (teacher tokens; words x 1.3 for an endpoint without a local tokenizer)."""
     overlap_tokens: int = 64
@@ -364,6 +367,8 @@ class SynthConfig:
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.round_trip not in ("contains", "exclusive"):
+            problems.append(("round_trip", f"must be contains or exclusive, got {self.round_trip!r}"))
         if self.strategy not in STRATEGIES:
             problems.append(("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"))
         positive = {k: getattr(self, k) for k in ("window_tokens", "max_new_tokens", "batch_size", "concurrency",

@@ -128,6 +128,8 @@ def test_strategy_auto_follows_the_teachers_size() -> None:
     assert choose_strategy("json", small) == "json" and choose_strategy("answer_first", endpoint) == "answer_first"
     with pytest.raises(LorakitError, match="strategy: must be one of auto, json, answer_first"):
         synth_qa(QAOptions([Path("x.md")], Path("out"), teacher="t", overrides=["synth.strategy=jsn"]))
+    with pytest.raises(LorakitError, match="round_trip: must be contains or exclusive"):
+        synth_qa(QAOptions([Path("x.md")], Path("out"), teacher="t", overrides=["synth.round_trip=strict"]))
 
 
 def _run(server: TeacherServer, doc: Path, out: Path, *extra: str) -> dict:
@@ -188,3 +190,20 @@ def test_answer_first_end_to_end_cached_and_resumable(tmp_path: Path) -> None:
         resumed = _run(server, doc, tmp_path / "cut", "synth.concurrency=1")
         assert server.hits == 39 - 10 and resumed["calls"]["cached"] == 10 + 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "cut").iterdir() if p.suffix == ".jsonl"} == before
+
+
+def test_exclusive_round_trip_fails_an_answer_that_copies_the_sentence() -> None:
+    from lorakit.synth.answer_first import Item, other_spans
+
+    sentence = "Our repair yard is the Drumlin Slip, at Corran Point, 2 kilometres south of Kelvack."
+    item = Item(0, sentence, next(s for s in answer_spans(sentence) if s.text == "Kelvack"),
+                "What is the name of the repair yard?")
+    others = other_spans(item, 4)
+    assert others == ["Drumlin Slip", "Corran Point", "2 kilometres"]
+    copied = "Corran Point, 2 kilometres south of Kelvack"  # a real SmolLM2 answer (the handbook run's cache)
+    assert round_trip(copied, item.span) and not round_trip(copied, item.span, others)
+    assert round_trip("It is Kelvack.", item.span, others)
+    named = Item(0, "Dagny Thorsvik is the chief engineer.", Span("chief engineer", "role", 22, 36),
+                 "What is Dagny Thorsvik's job?")  # the question names the other span: it may be in the answer
+    assert other_spans(named, 4) == []
+    assert round_trip("Dagny Thorsvik is the chief engineer.", named.span, other_spans(named, 4))

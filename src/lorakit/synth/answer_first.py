@@ -19,6 +19,8 @@ consistency; Lewis et al. 2021, PAQ) splits the job so the model only does the p
    pair is kept only when that answer holds the extracted span (SQuAD-normalised, on word
    boundaries, as the evaluator's `fact` metric; for a number with its noun, the number alone
    counts): else "round trip".
+   With synth.round_trip exclusive, the answer must also hold none of the sentence's other spans that the
+   question does not name: a teacher that answers by copying the sentence fails it.
 4. **Other wordings.** Each kept question is reworded by the teacher (`paraphrases` prompts, each
    with its own examples), and a rewording goes through the same checks and its own round trip.
    A relation is asked from both ends because both of its ends are answer spans ("Who is the
@@ -152,15 +154,28 @@ def first_question(reply: str) -> str:
     return ""
 
 
-def round_trip(reply: str, span: Span) -> bool:
-    """The teacher's answer holds the span (normalised, on word boundaries); a number with its noun: the number."""
+def round_trip(reply: str, span: Span, exclusive: Sequence[str] = ()) -> bool:
+    """The teacher's answer holds the span (normalised, on word boundaries; a number with its noun: the number),
+    and none of `exclusive` (synth.round_trip exclusive: the sentence's other spans that the question does not name,
+    so an answer that merely copies the sentence fails)."""
     from lorakit.eval.metrics import fact_match
 
+    if any(fact_match(reply, other) for other in exclusive):
+        return False
     if fact_match(reply, span.text):
         return True
     if span.kind == "quantity" and (m := _NUMBER.match(span.text)):
         return bool(fact_match(reply, m.group(0).rstrip(",.")))
     return False
+
+
+def other_spans(item: Item, limit: int) -> list[str]:
+    """The sentence's other answer spans that the question does not name (possessives aside)."""
+    from lorakit.eval.metrics import fact_match
+
+    question = _POSSESSIVE.sub("", item.question)
+    return [s.text for s in answer_spans(item.sentence, limit) if s.text != item.span.text
+            and not fact_match(question, _POSSESSIVE.sub("", s.text)) and not fact_match(item.span.text, s.text)]
 
 
 @dataclass
@@ -213,7 +228,9 @@ class AnswerFirst:
                 self.rejected[why] += 1
         answers = self._ask(f"{stage} round trip", [answer_prompt(i.sentence, i.question) for _, i in ready],
                             self.cfg.answer_tokens)
-        kept = [(n, i) for (n, i), a in zip(ready, answers) if round_trip(a, i.span)]
+        strict = self.cfg.round_trip == "exclusive"
+        kept = [(n, i) for (n, i), a in zip(ready, answers)
+                if round_trip(a, i.span, other_spans(i, self.cfg.spans_per_sentence) if strict else ())]
         self.rejected["round trip"] += len(ready) - len(kept)
         return kept
 
