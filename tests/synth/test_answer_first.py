@@ -153,6 +153,8 @@ def test_answer_first_end_to_end_cached_and_resumable(tmp_path: Path) -> None:
             "questions": 8, "questions round trip": 5, "questions (blank)": 4, "questions (blank) round trip": 3,
             "rewordings": 12, "rewordings round trip": 9}}
         # 41 calls, 39 asked: a rewording equal to its question has the same round trip, taken from the cache
+        html = (tmp_path / "out" / "synth_report.html").read_text()
+        assert "Answer-first: 8 (sentence, answer) pairs" in html and "questions (blank) round trip" in html
         assert report["calls"]["total"] == 41 and report["calls"]["cached"] == 2 and server.hits == 39
         rejected = report["rejected"]  # tries, not pairs: a pair lost twice counts twice
         assert {k: rejected[k] for k in ("no question", "question holds the answer", "prompt example", "round trip",
