@@ -321,10 +321,27 @@ class EvalConfig:
         return problems
 
 
+STRATEGIES = ("auto", "json", "answer_first")
+
+
 @dataclass
 class SynthConfig:
     """`lorakit synth qa`: question/answer rows from documents, written by a teacher model window by window."""
 
+    strategy: str = "auto"
+    """json: the teacher writes question/answer pairs as JSON per window (for a capable teacher);
+    answer_first: answers found by rule in each sentence, the teacher writes one question per answer,
+    kept when it answers its own question with it (synth/answer_first.py); auto: answer_first for a
+    local teacher under 1B parameters, json otherwise (an endpoint, a bigger local model)."""
+    spans_per_sentence: int = 4
+    """answer_first: candidate answers asked about per sentence (at most)."""
+    question_tokens: int = 40
+    """answer_first: reply tokens for a question or a rewording."""
+    answer_tokens: int = 24
+    """answer_first: reply tokens for the round-trip answer."""
+    round_trip: str = "contains"
+    """answer_first: contains keeps a pair when the teacher's answer holds the span; exclusive also asks that it
+    holds none of the sentence's other spans the question does not name (stricter: fewer, cleaner pairs)."""
     window_tokens: int = 384
     """Document text per teacher call (teacher tokens; words x 1.3 for an endpoint without a local tokenizer)."""
     overlap_tokens: int = 64
@@ -366,7 +383,12 @@ class SynthConfig:
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.round_trip not in ("contains", "exclusive"):
+            problems.append(("round_trip", f"must be contains or exclusive, got {self.round_trip!r}"))
+        if self.strategy not in STRATEGIES:
+            problems.append(("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"))
         positive = {k: getattr(self, k) for k in ("window_tokens", "max_new_tokens", "batch_size", "concurrency",
+                                                  "spans_per_sentence", "question_tokens", "answer_tokens",
                                                   "min_question_words", "max_question_words", "max_answer_words",
                                                   "ngram_guard")}
         problems += [(k, f"must be >= 1, got {v}") for k, v in positive.items() if v < 1]

@@ -120,6 +120,8 @@ def synth_qa(opts: QAOptions, console: Any | None = None) -> QAResult:
     docs = read_documents(files, cfg.text_column)
     teacher = make_teacher(opts, cfg)
     wins = windows(docs, cfg.window_tokens, cfg.overlap_tokens, teacher.count_tokens)[: opts.limit]
+    if choose_strategy(cfg.strategy, teacher) == "answer_first":
+        return _answer_first(opts, cfg, out, docs, wins, skipped, teacher, console, started)
     asks: list[tuple[int, str, str]] = []  # (window, what, prompt)
     for w in wins:
         if cfg.facts_per_window:
@@ -136,6 +138,39 @@ def synth_qa(opts: QAOptions, console: Any | None = None) -> QAResult:
         data, malformed = _parse_with_retry(teacher, cache, asks, replies, stats, progress)
     cands, incomplete = _candidates(asks, data, cfg.refusal)
     return _finish(opts, cfg, out, docs, wins, skipped, cands, incomplete, malformed, stats, started)
+
+
+def choose_strategy(strategy: str, teacher: Teacher) -> str:
+    """synth.strategy, with auto resolved: answer_first for a local teacher under 1B parameters, else json."""
+    from lorakit.synth.answer_first import SMALL_TEACHER
+
+    if strategy != "auto":
+        return strategy
+    small = teacher.parameters is not None and teacher.parameters < SMALL_TEACHER
+    return "answer_first" if small else "json"
+
+
+def _answer_first(opts: QAOptions, cfg: Any, out: Path, docs: list[Any], wins: list[Any], skipped: list[Path],
+                  teacher: Teacher, console: Any | None, started: float) -> QAResult:
+    from lorakit.io import remove_stale_temps
+    from lorakit.synth.answer_first import AnswerFirst, question_prompt
+
+    if teacher.context is not None:  # the longest sentence's question prompt plus its reply
+        from lorakit.synth.spans import sentences
+
+        longest = max((s for w in wins for s in sentences(w.text)), key=len, default="")
+        need = teacher.prompt_tokens(question_prompt(longest, longest)) + cfg.question_tokens
+        if need > teacher.context:
+            raise LorakitError(f"a sentence's question prompt plus synth.question_tokens ({cfg.question_tokens}) is "
+                               f"{need} tokens, over the teacher's context of {teacher.context}; use a teacher with a "
+                               "longer context or lower synth.question_tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    cache, stats = TeacherCache(out / CACHE_DIR, teacher.identity), CallStats()
+    with _progress(console, 0) as progress:
+        run = AnswerFirst(teacher, cache, stats, cfg, progress.grow if progress else None, progress)
+        cands = run.run(wins, [d.text for d in docs])
+    return _finish(opts, cfg, out, docs, wins, skipped, cands, 0, 0, stats, started, run)
 
 
 def _check_context(teacher: Teacher, prompts: list[str], cfg: Any) -> None:
@@ -197,7 +232,8 @@ def _candidates(asks: list[tuple[int, str, str]], data: list[Any], refusal: str)
 
 
 def _finish(opts: QAOptions, cfg: Any, out: Path, docs: list[Any], wins: list[Any], skipped: list[Path],
-            cands: list[Any], incomplete: int, malformed: int, stats: CallStats, started: float) -> QAResult:
+            cands: list[Any], incomplete: int, malformed: int, stats: CallStats, started: float,
+            answer_first: Any | None = None) -> QAResult:
     from lorakit.synth.filters import filter_candidates
     from lorakit.synth.report import samples, write_report
     from lorakit.synth.run import write_jsonl
@@ -205,6 +241,9 @@ def _finish(opts: QAOptions, cfg: Any, out: Path, docs: list[Any], wins: list[An
 
     window_text = {w.index: w.text for w in wins}
     kept, rejected, rejected_rows = filter_candidates(cands, window_text, [d.text for d in docs], cfg)
+    if answer_first is not None:  # the strategy's own rejections first, in the order they happen
+        rejected = Counter({k: answer_first.rejected[k] + rejected[k]
+                            for k in dict.fromkeys([*answer_first.rejected, *rejected])})
     parts = split(kept, cfg.heldout_fraction, cfg.unanswerable_fraction, cfg.ngram_guard, cfg.seed)
     source = {w.index: w.source for w in wins}
     rows = {name: [row(c, source[c.window]) for c in getattr(parts, name)]
@@ -216,6 +255,7 @@ def _finish(opts: QAOptions, cfg: Any, out: Path, docs: list[Any], wins: list[An
         f"{opts.teacher or ''}{' + ' + str(opts.teacher_adapter) if opts.teacher_adapter else ''}".strip(" +")
     report = {
         "teacher": teacher,
+        "strategy": "json" if answer_first is None else "answer_first",
         "documents": len(docs),
         "skipped_files": [str(p) for p in skipped],
         "windows": len(wins),
@@ -231,6 +271,8 @@ def _finish(opts: QAOptions, cfg: Any, out: Path, docs: list[Any], wins: list[An
         "files": {name: len(r) for name, r in rows.items()},
         "kept_by_kind": dict(Counter({k: len(v) for k, v in by_kind.items()})),
         "settings": asdict(cfg),
+        **({} if answer_first is None else {"answer_first": {"sentence_answers": answer_first.items,
+                                                             "calls_by_stage": dict(answer_first.calls)}}),
         "samples": {k: samples(v, cfg.seed) for k, v in by_kind.items()},
         "rejected_samples": [{"reason": why, "question": c.question, "answer": c.answer, "fact": c.fact}
                              for c, why in samples(rejected_rows, cfg.seed)],

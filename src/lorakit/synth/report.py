@@ -51,6 +51,9 @@ def render(report: dict[str, Any]) -> str:
         _table(["calls", "from cache", "failed", "malformed (after a retry)", "prompt tokens", "reply tokens"],
                [[calls["total"], calls["cached"], calls["failed"], calls["malformed"], tokens["prompt"],
                  tokens["completion"]]]),
+        *([f"<h2>Answer-first: {_e(report['answer_first']['sentence_answers'])} (sentence, answer) pairs</h2>",
+           _table(list(report["answer_first"]["calls_by_stage"]), [list(report["answer_first"]["calls_by_stage"].values())])]
+          if "answer_first" in report else []),
         "<h2>Rows</h2>",
         _table(["candidates", "kept", *report["rejected"]],
                [[report["candidates"], report["kept"], *report["rejected"].values()]]),

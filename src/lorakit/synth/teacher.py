@@ -27,6 +27,16 @@ from typing import Any
 from lorakit.errors import LorakitError
 
 CACHE_DIR = "teacher_cache"
+Prompt = str | list[dict[str, str]]
+"""A user message, or a whole conversation (few-shot examples as earlier turns)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A call's own reply length and stop strings, in place of the teacher's settings."""
+
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -60,8 +70,11 @@ class TeacherCache:
         self.folder = Path(folder)
         self.identity = identity
 
-    def key(self, prompt: str) -> str:
-        blob = json.dumps({"teacher": self.identity, "prompt": prompt}, sort_keys=True, ensure_ascii=False)
+    def key(self, prompt: Prompt, limits: Limits | None = None) -> str:
+        call: dict[str, Any] = {"teacher": self.identity, "prompt": prompt}
+        if limits is not None:  # a call with its own reply length or stop strings (answer-first synth qa)
+            call["limits"] = asdict(limits)
+        blob = json.dumps(call, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -92,18 +105,24 @@ class Teacher:
 
         return approx_tokens(text)
 
-    def prompt_tokens(self, prompt: str) -> int:
+    parameters: int | None = None
+    """The model's parameter count where known (a local teacher); synth.strategy auto reads it."""
+
+    def prompt_tokens(self, prompt: Prompt) -> int:
         """Tokens of `prompt` as the teacher sees it (its chat template included, where known)."""
+        if isinstance(prompt, list):
+            return sum(self.count_tokens(m["content"]) + 4 for m in prompt)
         return self.count_tokens(prompt)
 
-    def run(self, prompts: Sequence[str], on_reply: Callable[[int, Reply], None]) -> None:
+    def run(self, prompts: Sequence[Prompt], on_reply: Callable[[int, Reply], None],
+            limits: Limits | None = None) -> None:
         raise NotImplementedError
 
 
-def ask(teacher: Teacher, cache: TeacherCache, prompts: Sequence[str], stats: CallStats,
-        on_reply: Callable[[Reply], None] | None = None) -> list[Reply]:
+def ask(teacher: Teacher, cache: TeacherCache, prompts: Sequence[Prompt], stats: CallStats,
+        on_reply: Callable[[Reply], None] | None = None, limits: Limits | None = None) -> list[Reply]:
     """Replies to `prompts` in order: from the cache where it has them, else from the teacher (then cached)."""
-    keys = [cache.key(p) for p in prompts]
+    keys = [cache.key(p, limits) for p in prompts]
     replies: list[Reply | None] = [cache.get(k) for k in keys]
     stats.calls += len(prompts)
     for r in replies:
@@ -130,7 +149,7 @@ def ask(teacher: Teacher, cache: TeacherCache, prompts: Sequence[str], stats: Ca
     if todo:
         started = time.perf_counter()
         try:
-            teacher.run([prompts[i] for i in todo], done)
+            teacher.run([prompts[i] for i in todo], done, limits)
         finally:
             stats.seconds += time.perf_counter() - started
     return [r if r is not None else Reply("", error="no reply") for r in replies]
@@ -148,6 +167,7 @@ class LocalTeacher(Teacher):
         self.batch_size = batch_size
         config = getattr(self.im.model, "config", None)
         self.context = getattr(config, "max_position_embeddings", None)
+        self.parameters = sum(p.numel() for p in self.im.model.parameters())
         self.identity = {"kind": "local", "model": self.im.name, "adapter": self.im.adapter,
                          "template": self.im.template, "system": self.im.system_prompt,
                          "dtype": str(next(self.im.model.parameters()).dtype),
@@ -156,17 +176,22 @@ class LocalTeacher(Teacher):
     def count_tokens(self, text: str) -> int:
         return len(self.im.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prompt_tokens(self, prompt: str) -> int:
+    def prompt_tokens(self, prompt: Prompt) -> int:
         from lorakit.eval.generate import prompt_text
 
         return self.count_tokens(prompt_text(prompt, self.im))
 
-    def run(self, prompts: Sequence[str], on_reply: Callable[[int, Reply], None]) -> None:
+    def run(self, prompts: Sequence[Prompt], on_reply: Callable[[int, Reply], None],
+            limits: Limits | None = None) -> None:
+        from dataclasses import replace
+
         from lorakit.eval.generate import generate_answers
 
+        settings = self.settings if limits is None else \
+            replace(self.settings, max_new_tokens=limits.max_new_tokens, stop=list(limits.stop))
         for first in range(0, len(prompts), self.batch_size):  # a batch at a time, so each is cached as it ends
             chunk = prompts[first : first + self.batch_size]
-            answers = generate_answers(self.im, chunk, self.settings, self.batch_size)
+            answers = generate_answers(self.im, chunk, settings, self.batch_size)
             for j, (prompt, answer) in enumerate(zip(chunk, answers)):
                 on_reply(first + j, Reply(answer.text, self.prompt_tokens(prompt), self.count_tokens(answer.text)))
 
@@ -189,9 +214,10 @@ class EndpointTeacher(Teacher):
         self.identity = {"kind": "endpoint", "url": url, "model": model, "max_new_tokens": max_new_tokens,
                          "temperature": temperature, "seed": seed}
 
-    def run(self, prompts: Sequence[str], on_reply: Callable[[int, Reply], None]) -> None:
+    def run(self, prompts: Sequence[Prompt], on_reply: Callable[[int, Reply], None],
+            limits: Limits | None = None) -> None:
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="teacher") as pool:
-            futures = {pool.submit(self._call, p): i for i, p in enumerate(prompts)}
+            futures = {pool.submit(self._call, p, limits): i for i, p in enumerate(prompts)}
             pending = set(futures)
             try:
                 while pending:
@@ -202,13 +228,16 @@ class EndpointTeacher(Teacher):
                 for f in pending:
                     f.cancel()
 
-    def _call(self, prompt: str) -> Reply:
+    def _call(self, prompt: Prompt, limits: Limits | None = None) -> Reply:
         oa = self.openai
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        extra: dict[str, Any] = {"stop": list(limits.stop)} if limits is not None and limits.stop else {}
         for attempt in range(self.retries + 1):
             try:
                 response = self.client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": prompt}],
-                    max_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed)
+                    model=self.model, messages=messages,
+                    max_tokens=self.max_new_tokens if limits is None else limits.max_new_tokens,
+                    temperature=self.temperature, seed=self.seed, **extra)
                 choice = response.choices[0] if response.choices else None
                 text = (choice.message.content or "") if choice is not None else ""
                 usage = response.usage
