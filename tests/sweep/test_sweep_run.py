@@ -9,6 +9,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.sweep.command import SweepOptions, run_sweep
 from lorakit.sweep.results import best
@@ -46,12 +47,12 @@ def _console() -> Console:
 
 
 def test_sweep_runs_evaluates_and_resumes_only_the_unfinished_trial(workspace: Path) -> None:
-    opts = _options(workspace, "s1", grid=["train.lr=1e-2,5e-2"], paired=["adapter.r,adapter.alpha=2:4,8:16"],
+    opts = _options(workspace, "s1", paired=["adapter.r,adapter.alpha=2:4,8:16"], grid=["train.lr=5e-2"],
                     eval_data=[str(workspace / "heldout.jsonl")], general=str(workspace / "general.jsonl"),
                     max_new_tokens=6, metrics=["fact", "token_f1"])
     state = run_sweep(opts, _console())
     out = workspace / "s1"
-    assert [t.status for t in state.trials] == [DONE] * 4
+    assert [t.status for t in state.trials] == [DONE] * 2
     for t in state.trials:
         run = out / t.name
         for rel in ("config.yaml", "metrics.jsonl", "eval.json", "report.html", "adapter/adapter_model.safetensors",
@@ -62,12 +63,12 @@ def test_sweep_runs_evaluates_and_resumes_only_the_unfinished_trial(workspace: P
             t.values["train.lr"], t.values["adapter.r"], t.values["adapter.alpha"])
         assert t.metrics["eval_loss"] == json.loads((run / "eval.json").read_text())["eval_loss"]
         assert {"fact", "heldout.fact", "heldout.token_f1", "perplexity", "general.fact"} <= set(t.metrics)
-    assert [(t.values["train.lr"], t.values["adapter.r"]) for t in state.trials] == [
-        (1e-2, 2), (1e-2, 8), (5e-2, 2), (5e-2, 8)]
+    assert [(t.values["train.lr"], t.values["adapter.r"], t.values["adapter.alpha"]) for t in state.trials] == [
+        (5e-2, 2, 4.0), (5e-2, 8, 16.0)]
     saved = SweepState.read(out)
     assert [t.metrics for t in saved.trials] == [t.metrics for t in state.trials]
     page = (out / "sweep.html").read_text()
-    assert page.count("data:image/png;base64,") >= 4  # eval_loss against lr, r, alpha; heatmaps
+    assert page.count("data:image/png;base64,") == 3  # eval_loss against r and alpha, the r x alpha heatmap
     top = best(state.trials, "eval_loss", "min")
     assert (out / "sweep.csv").read_text().splitlines()[1].split(",")[1:3] == [top.name, "yes"]
 
@@ -81,8 +82,8 @@ def test_sweep_runs_evaluates_and_resumes_only_the_unfinished_trial(workspace: P
     console = _console()
     again = run_sweep(opts, console)
     text = console.export_text()
-    assert "4 trials, 1 to run" in text and "trial-001 (" in text and "trial-000 (" not in text
-    assert [t.status for t in again.trials] == [DONE] * 4
+    assert "2 trials, 1 to run" in text and "trial-001 (" in text and "trial-000 (" not in text
+    assert [t.status for t in again.trials] == [DONE] * 2
     assert before == {n: (out / n / "trial.json").stat().st_mtime_ns for n in before}
     assert again.trials[1].metrics["eval_loss"] == pytest.approx(state.trials[1].metrics["eval_loss"], rel=1e-5)
 
@@ -100,15 +101,31 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(workspace: Path) -> N
     assert csv_rows[1].startswith("1,trial-001,yes") and "no_such_layer" in csv_rows[2]
 
 
-def test_cli_parallel_workers_and_bad_input(workspace: Path) -> None:
+def test_cli_parallel_workers_and_bad_input(workspace: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(workspace / "cfg.yaml"), "--grid", "adapter.rnk=2,4", "--out", str(workspace / "s4")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: --grid adapter.rnk: unknown config key; did you mean adapter.r?"]
+    assert not (workspace / "s4").exists()
     proc = run_cli("sweep", str(workspace / "cfg.yaml"), "--grid", "adapter.r=2,4", "--parallel", "2",
-                   "--out", str(workspace / "s3"), "--set", "train.max_steps=2")
+                   "--out", str(workspace / "s3"), "--set", "train.max_steps=1")
     assert proc.returncode == 0, proc.stderr
     state = SweepState.read(workspace / "s3")
     assert [t.status for t in state.trials] == [DONE, DONE]
     assert "2 trials at a time, " in proc.stdout
-    assert (workspace / "s3" / "trial-001.log").is_file()
-    bad = run_cli("sweep", str(workspace / "cfg.yaml"), "--grid", "adapter.rnk=2,4", "--out", str(workspace / "s4"))
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: --grid adapter.rnk: unknown config key; did you mean adapter.r?"]
-    assert not (workspace / "s4").exists()
+    assert "trial-001: done" in (workspace / "s3" / "trial-001.log").read_text()
+
+
+def test_optuna_search_runs_its_trials_in_range(workspace: Path) -> None:
+    opts = _options(workspace, "s5", search="optuna", trials=2, ranges=["train.lr=1e-3:1e-1:log"],
+                    grid=["adapter.r=2,4"], seed=5, sets=["train.max_steps=1"])
+    state = run_sweep(opts, _console())
+    assert [t.status for t in state.trials] == [DONE, DONE]
+    for t in state.trials:
+        assert 1e-3 <= t.values["train.lr"] <= 1e-1 and t.values["adapter.r"] in (2, 4)
+        assert set(t.search_params) == {"train.lr", "adapter.r"}
+        assert yaml.safe_load((workspace / "s5" / t.name / "config.yaml").read_text())["train"]["lr"] == t.values["train.lr"]
+    assert state.plan["objective"] == {"metric": "eval_loss", "direction": "min"}
+    with pytest.raises(LorakitError, match=r"different plan \(seed differs\)"):
+        run_sweep(_options(workspace, "s5", search="optuna", trials=2, ranges=["train.lr=1e-3:1e-1:log"],
+                           grid=["adapter.r=2,4"], seed=6, sets=["train.max_steps=1"]), _console())

@@ -19,7 +19,7 @@ from lorakit.config import DEFAULT_METRICS, Config, load_config
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write_text
 from lorakit.sweep import grid as g
-from lorakit.sweep.evaluate import Evaluation, base_result
+from lorakit.sweep.evaluate import BASE_CACHE, Evaluation, base_result
 from lorakit.sweep.page import render
 from lorakit.sweep.results import best, csv_text, default_direction, ranked, score
 from lorakit.sweep.runner import read_result, run_trial, start_worker, worker_result
@@ -144,7 +144,8 @@ def open_state(sweep: Sweep) -> SweepState:
     out = sweep.out
     state = SweepState.read(out)
     if state is None:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # a base_eval.json alone is welcome: another sweep's base evaluation, used when its key matches
+        if out.exists() and (not out.is_dir() or any(p.name != BASE_CACHE for p in out.iterdir())):
             raise LorakitError(f"{out} exists and holds no sweep.json; choose another --out (nothing is overwritten)")
         out.mkdir(parents=True, exist_ok=True)
         state = SweepState(sweep.plan, list(sweep.trials))
@@ -199,7 +200,7 @@ def run_sweep(opts: SweepOptions, console: Any) -> SweepState:
                   f"{todo} to run, ranked by {sweep.metric} ({sweep.direction})", markup=False)
     write_outputs(state, sweep.out)
     if todo and sweep.ev.needs_base:
-        console.print("evaluating the base model once (kept in base_eval.json)", markup=False)
+        console.print("the base model's evaluation: read from base_eval.json, or run once and kept there", markup=False)
         base_result(sweep.ev, load_config(opts.config, opts.sets), sweep.out)
     if opts.parallel == 1:
         _run_in_process(sweep, state, console)
