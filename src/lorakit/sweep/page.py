@@ -105,7 +105,9 @@ def heatmap(state: SweepState, kx: str, ky: str) -> str | None:
     ax.set_ylabel(_plain(ky))
     for i, j in itertools.product(range(len(ys)), range(len(xs))):
         if not math.isnan(grid[i][j]):
-            ax.text(j, i, fmt(grid[i][j], 3), ha="center", va="center", fontsize=8, color="white")
+            r, g_, b, _ = image.cmap(image.norm(grid[i][j]))
+            ink = "black" if 0.299 * r + 0.587 * g_ + 0.114 * b > 0.5 else "white"  # readable on the cell's colour
+            ax.text(j, i, fmt(grid[i][j], 3), ha="center", va="center", fontsize=8, color=ink)
     ax.set_title(_plain(f"{state.metric}: {ky} x {kx}"), fontsize=11)
     return _uri(fig)
 
@@ -153,12 +155,13 @@ def _table(state: SweepState) -> str:
     rows = []
     for t in ranked(state.trials, state.metric, state.direction):
         mark = ' <span class="best">best</span>' if t is top else ""
-        cells = [f"{_e(t.name)}{mark}", *[_e(fmt(t.values.get(k, t.params.get(k)))) for k in keys],
+        cells = [f'<span style="white-space:nowrap">{_e(t.name)}{mark}</span>', *[_e(fmt(t.values.get(k, t.params.get(k)))) for k in keys],
                  _e(t.status) + (f'<div class="note">{_e(t.error)}</div>' if t.error else ""),
                  *[_e(fmt(t.metrics.get(c))) for c in columns], _e(fmt(t.elapsed_s, 3))]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f'<div style="overflow-x:auto"><table><thead><tr>{th}</tr></thead><tbody>{"".join(rows)}</tbody>'
+            "</table></div>")
 
 
 def render(state: SweepState, title: str) -> str:
@@ -173,7 +176,8 @@ def render(state: SweepState, title: str) -> str:
     figures = "".join(f'<figure><img alt="{_e(c)}" src="{u}"><figcaption>{_e(c)}</figcaption></figure>'
                       for c, u in plots(state))
     plan = state.plan
-    command = f"config {plan.get('config')}, --set {plan.get('set')}, search {plan.get('search')}"
+    sets = " ".join(f"--set {x}" for x in plan.get("set") or [])
+    command = f"config {plan.get('config')} {sets}; {plan.get('search')} search".replace("  ", " ")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
