@@ -14,7 +14,7 @@ from lorakit.errors import LorakitError
 from lorakit.sweep.command import SweepOptions, run_sweep
 from lorakit.sweep.results import best
 from lorakit.sweep.state import DONE, FAILED, RUNNING, SweepState
-from tests.conftest import run_cli, save_tiny_model_dir
+from tests.conftest import save_tiny_model_dir
 from tests.train.test_train_cli import write_chat_data
 
 
@@ -107,12 +107,12 @@ def test_cli_parallel_workers_and_bad_input(workspace: Path, capsys: pytest.Capt
     assert exit_.value.code == 2 and capsys.readouterr().err.splitlines() == [
         "error: --grid adapter.rnk: unknown config key; did you mean adapter.r?"]
     assert not (workspace / "s4").exists()
-    proc = run_cli("sweep", str(workspace / "cfg.yaml"), "--grid", "adapter.r=2,4", "--parallel", "2",
-                   "--out", str(workspace / "s3"), "--set", "train.max_steps=1")
-    assert proc.returncode == 0, proc.stderr
-    state = SweepState.read(workspace / "s3")
+    console = _console()
+    run_sweep(_options(workspace, "s3", grid=["adapter.r=2,4"], parallel=2, sets=["train.max_steps=1"]), console)
+    state = SweepState.read(workspace / "s3")  # what the worker processes left, read back from disk
     assert [t.status for t in state.trials] == [DONE, DONE]
-    assert "2 trials at a time, " in proc.stdout
+    assert [t.values["adapter.r"] for t in state.trials] == [2, 4] and state.trials[1].metrics["eval_loss"] > 0
+    assert "2 trials at a time, " in console.export_text()
     assert "trial-001: done" in (workspace / "s3" / "trial-001.log").read_text()
 
 
