@@ -159,3 +159,26 @@ def test_the_shipped_sweep_plan_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pairs == {(r, k) for r in (4, 8, 16, 32, 64) for k in (1.0, 2.0)}
     assert {t.values["train.lr"] for t in sweep.trials} == {5e-4, 1e-3, 2e-3}
     assert str(sweep.out) == "runs/handbook-sweep"
+
+
+def test_bad_ranges_and_a_worker_that_died(config: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from lorakit.sweep.runner import worker_result
+
+    with pytest.raises(LorakitError, match="integer setting; give whole-number bounds"):
+        prepare(SweepOptions(config, search="optuna", ranges=["adapter.r=1.5:8"]))
+    with pytest.raises(LorakitError, match="a log range needs LOW > 0"):
+        prepare(SweepOptions(config, search="optuna", ranges=["train.lr=0:1e-2:log"]))
+    with pytest.raises(LorakitError, match="sweep value train.warmup_ratio=1.5: train.warmup_ratio: must be in"):
+        prepare(SweepOptions(config, search="optuna", ranges=["train.warmup_ratio=0.1:1.5"]))
+    with pytest.raises(LorakitError, match="--range is for --search optuna"):
+        prepare(SweepOptions(config, grid=["adapter.r=4"], ranges=["train.lr=1e-4:1e-3"]))
+    trial = TrialRecord(0, {"adapter.r": "4"})
+    (tmp_path / trial.name).mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    proc.log = open(tmp_path / "trial-000.log", "ab")  # as start_worker leaves it
+    proc.wait()
+    result = worker_result(tmp_path, trial, proc)
+    assert result["status"] == FAILED and "exited with code 3 before writing its result" in result["error"]
