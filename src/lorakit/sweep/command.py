@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lorakit.config import DEFAULT_METRICS, Config, load_config
 from lorakit.errors import LorakitError

@@ -212,7 +212,7 @@ def check_values(config: Path | None, sets: list[str], trials: list[dict[str, st
 def _problem(err: ConfigError, config: Path | None, key: str | None) -> str:
     """The config problem about `key` (else the first), without the file-name prefix load_config adds."""
     prefix = f"{config if config is not None else 'config'}: "
-    lines = [p[len(prefix):] if p.startswith(prefix) else p for p in err.problems or [str(err)]]
+    lines = [p.removeprefix(prefix) for p in err.problems or [str(err)]]
     return next((p for p in lines if key is not None and p.startswith(f"{key}:")), lines[0])
 
 
