@@ -200,6 +200,46 @@ def train(
         run_training(cfg, resume=resume)
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="YAML config every trial starts from (its sweep: section may hold the grid).")],
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="KEY=V1,V2,...: values of one config key "
+                                                      "(repeatable; trials are the cartesian product).")] = None,
+    paired: Annotated[Optional[list[str]], typer.Option("--paired", help="K1,K2=a1:b1,a2:b2: keys that move "
+                                                        "together, e.g. adapter.r,adapter.alpha=8:16,16:32.")] = None,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="What ranks the trials: eval_loss, fact, "
+                                                  "retention, perplexity, ... (default eval_loss).")] = None,
+    direction: Annotated[Optional[str], typer.Option("--direction", help="min, max or auto (min for losses and "
+                                                     "perplexities).")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", help="Trials at once, as processes; cores split.")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory (default: output_dir-sweep).")] = None,
+    search: Annotated[str, typer.Option("--search", help="grid, or optuna (TPE over --range and --grid).")] = "grid",
+    trials: Annotated[int, typer.Option("--trials", help="--search optuna: how many trials.")] = 20,
+    range_: Annotated[Optional[list[str]], typer.Option("--range", help="--search optuna: KEY=LOW:HIGH[:log].")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="--search optuna: the sampler's seed.")] = 0,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Questions each trial answers "
+                                                           "(generation metrics; repeatable).")] = None,
+    general: Annotated[Optional[str], typer.Option("--general", help="General questions: retention against the "
+                                                   "base model.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Plain text: perplexity (text_perplexity).")] = None,
+    metrics: Annotated[str, typer.Option("--metrics", help="Generation metrics, comma-separated.")] = ",".join(
+        DEFAULT_METRICS),
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per answer.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generate call.")] = 8,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run failed trials again.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Train one run per trial of a grid (or an Optuna search) into SWEEP_DIR/trial-NNN; resumable;
+    sweep.csv, sweep.json and sweep.html (ranked table, plots, heatmaps, facts/retention front)."""
+    from lorakit.sweep.command import SweepOptions, run_sweep
+
+    opts = SweepOptions(config, list(grid or []), list(paired or []), metric, direction, parallel, out, search,
+                        trials, list(range_ or []), seed, list(eval_data or []), general, text,
+                        [m for m in metrics.split(",") if m.strip()], max_new_tokens, batch_size, retry_failed,
+                        list(set_ or []))
+    run_sweep(opts, _console())
+
+
 @data_app.command("check")
 def data_check(
     config: Annotated[Path, typer.Argument(help="YAML config whose data section to check.")],

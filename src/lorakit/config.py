@@ -456,6 +456,33 @@ class ServeConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`lorakit sweep`: the grid and what scores a trial, when the command line does not say (its options win)."""
+
+    grid: list[str] = field(default_factory=list)
+    """One "KEY=V1,V2,..." per swept key, as --grid; the trials are the cartesian product."""
+    paired: list[str] = field(default_factory=list)
+    """"K1,K2=a1:b1,a2:b2": keys that move together, as --paired (e.g. adapter.r with adapter.alpha)."""
+    metric: str = "eval_loss"
+    """What ranks the trials: any metric a trial reports (eval_loss, fact, retention, ...)."""
+    direction: Literal["auto", "min", "max"] = "auto"
+    """auto: min for losses and perplexities, max for everything else."""
+    out: str | None = None
+    """The sweep directory; default: output_dir + "-sweep"."""
+    eval_data: list[str] = field(default_factory=list)
+    """Question files each trial's adapter answers (generation metrics, as `lorakit compare --data`)."""
+    general: str | None = None
+    """General questions for the forgetting check (retention against the base model)."""
+    text: str | None = None
+    """Plain text for perplexity against the base model (text_perplexity)."""
+
+    def check(self) -> list[tuple[str, str]]:
+        if not self.metric.strip():
+            return [("metric", "is empty; name a metric a trial reports, e.g. eval_loss")]
+        return []
+
+
+@dataclass
 class Config:
     """A whole run: model, adapter, data, training and where outputs go."""
 
@@ -468,6 +495,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     output_dir: str = "runs/run"
     seed: int = 0
 
