@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorakit.adapters.inject import inject_lora
+from lorakit.adapters.inject import inject_ia3, inject_lora
+from lorakit.adapters.selective import prepare_selective
 from lorakit.config import AdapterConfig
 
 
@@ -13,12 +14,18 @@ def prepare_model(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
     lora / qlora: wrap the targets in LoRALinear and freeze everything else.
     dora: the same with DoRA's magnitude (on a quantized base too: QDoRA).
+    ia3: wrap the targets in IA3Linear (PEFT's per-architecture layers for all-linear).
+    selective: the parameters adapter.trainable matches train (their names are returned); nothing is wrapped.
     full: every parameter trains (for comparison with LoRA); nothing is wrapped.
     """
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return []
+    if cfg.method == "ia3":
+        return inject_ia3(model, cfg.target_modules, cfg.feedforward_modules)
+    if cfg.method == "selective":
+        return prepare_selective(model, cfg.trainable)
     return inject_lora(
         model,
         cfg.target_modules,

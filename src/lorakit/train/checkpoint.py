@@ -35,8 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.adapters.inject import lora_layers
-from lorakit.adapters.state import require_finite, save_adapter
+from lorakit.adapters.methods import has_adapter, save_trained
+from lorakit.adapters.state import require_finite
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
 from lorakit.train.distributed import (full_parameters, full_tensor, gather_rng, is_main, like_param, rank_rng,
@@ -171,8 +171,8 @@ def _write_checkpoint(target: Path, step: int, model: nn.Module, opt_tensors: di
         if len(py_rngs) > 1:
             state["python_rng_by_rank"] = py_rngs
         atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
-        if any(True for _ in lora_layers(model)):
-            save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model, meta=adapter_meta)
+        if has_adapter(model):
+            save_trained(model, tmp / "adapter", base_model, meta=adapter_meta)
 
 
 class DamagedCheckpoint(LorakitError):
