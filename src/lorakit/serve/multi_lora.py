@@ -82,9 +82,20 @@ class MultiLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters={sorted(self.factors)}"
 
 
-def check_servable(name: str, path: Path, config: dict[str, Any]) -> None:
-    """Refuse what MultiLoRALinear cannot compute: DoRA's per-row rescaling by m / ||W + s B A|| is not batched."""
-    if config.get("use_dora"):
+def check_servable(name: str, path: Path) -> None:
+    """Refuse what MultiLoRALinear cannot compute: DoRA's per-row rescaling by m / ||W + s B A|| is not batched,
+    IA3 rescales the base's activations for every row of the batch, a selective fine-tune replaces base weights."""
+    from lorakit.adapters.methods import adapter_kind
+    from lorakit.adapters.state import read_adapter_config
+
+    kind = adapter_kind(path)
+    if kind == "ia3":
+        raise LorakitError(f"adapter {name} ({path}): serve batches LoRA updates added beside a shared base, and IA3 "
+                           "rescales the base layer itself; merge it with lorakit merge and serve the merged model")
+    if kind == "selective":
+        raise LorakitError(f"adapter {name} ({path}) is a selective fine-tune, which replaces base weights and cannot "
+                           "share a base with other adapters; merge it with lorakit merge and serve the merged model")
+    if read_adapter_config(path).get("use_dora"):
         raise LorakitError(f"adapter {name} ({path}): serve does not batch DoRA adapters yet; merge it with "
                            "lorakit merge and serve the merged model")
 
@@ -120,8 +131,8 @@ class AdapterBank:
         from lorakit.export.merge import AdapterRef, adapter_factors
 
         path = Path(path)
+        check_servable(name, path)
         config = read_adapter_config(path)
-        check_servable(name, path, config)
         meta = read_adapter_meta(path)
         factors = adapter_factors(AdapterRef(path, config=config))
         device = next(self.model.parameters()).device
