@@ -181,7 +181,7 @@ def main() -> None:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     tag = f"{args.epochs:g}"
-    args.base_json = args.base_json or str(Path(args.work) / f"base-e{tag}.json")
+    args.base_json = args.base_json or str(Path(args.work) / "base.json")  # the base does not depend on --epochs
     if args.child == "base":
         return child_base(args)
     if args.child:
