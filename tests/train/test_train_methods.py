@@ -46,6 +46,7 @@ def test_ia3_trains_with_the_kl_anchor_saves_peft_format_resumes_and_generates(w
     weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert len(weights) == 6 and all(k.endswith(".ia3_l") for k in weights)
     assert any((w - 1).abs().max() > 1e-3 for w in weights.values())  # the vectors moved off their ones
+    assert "IA3 vectors on" in (run / "report.html").read_text()
 
     shutil.copytree(run, workspace / "ia3-resumed")  # resume from step 12: steps 13-24 repeat the run
     shutil.rmtree(workspace / "ia3-resumed" / "checkpoints" / "step-24")
@@ -81,6 +82,7 @@ def test_selective_trains_exactly_the_matched_tensors(workspace: Path) -> None:
     for name, tensor in trained.items():
         assert not (tensor == base[name]).all(), name  # each one moved
     assert set(load_file(str(run / "checkpoints" / "step-12" / "trainable.safetensors"))) == expected
+    assert "8 tensors" in (run / "report.html").read_text()
 
     from lorakit.config import load_config
     from lorakit.errors import LorakitError
