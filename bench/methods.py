@@ -53,7 +53,7 @@ METHODS: dict[str, tuple[str, list[str], str]] = {
     "qlora": (QLORA, [], "QLoRA: the LoRA row on an NF4 base (double quant, blocksize 64)"),
     "qdora": (QLORA, ["adapter.method=dora"], "QDoRA: the DoRA row on an NF4 base"),
 }
-COLUMNS = ["trainable_params", "adapter_bytes", "train_s", "peak_rss_mb", "heldout_fact", "refusal",
+COLUMNS = ["trainable_params", "adapter_bytes", "train_s", "peak_rss_mb", "heldout_ppl", "heldout_fact", "refusal",
            "retention", "perplexity"]
 
 
@@ -65,6 +65,33 @@ def demo_pieces(epochs: float, config: str, overrides: list[str], out: Path) -> 
 
     cfg = load_config(ROOT / config, [*overrides, f"train.epochs={epochs}", f"output_dir={out}", "train.save_every=0"])
     return cfg, load_demo_data(cfg, None, 30), GenerationSettings(max_new_tokens=40)
+
+
+def heldout_ppl(cfg: Any, data: Any, adapter: Path | None) -> float | None:
+    """exp(mean loss on the held-out answers), masked as in training: learning shows here before greedy answers do."""
+    from lorakit.eval.generate import load_for_inference
+    from lorakit.eval.runner import answer_perplexity
+
+    im = load_for_inference(cfg.model.name, adapter, cfg.model.dtype)
+    im.template, im.system_prompt = cfg.data.template, data.system_prompt
+    return answer_perplexity(im, data.sets[0], cfg.data.max_length, 16)
+
+
+def tuned_model(run_dir: Path, cfg: Any) -> Path | None:
+    """The adapter directory, or None after pointing cfg at the whole model full fine-tuning wrote."""
+    if (run_dir / "model").is_dir():
+        cfg.model.name = str(run_dir / "model")
+        return None
+    return run_dir / "adapter"
+
+
+def child_ppl(args: argparse.Namespace) -> None:
+    """Only the held-out answer perplexity of a trained row (or the base): for rows recorded without it."""
+    name = args.child.removeprefix("ppl:")
+    config, overrides, _ = METHODS.get(name, (LORA, [], ""))
+    cfg, data, _ = demo_pieces(args.epochs, config, overrides, Path(args.work) / name)
+    adapter = None if name == "base" else tuned_model(Path(args.work) / name, cfg)
+    print("RESULT " + json.dumps({"heldout_ppl": heldout_ppl(cfg, data, adapter)}), flush=True)
 
 
 def child_base(args: argparse.Namespace) -> None:
@@ -97,11 +124,8 @@ def child_method(args: argparse.Namespace) -> None:
     load0 = os.getloadavg()[0]
     result = train(cfg, console=console)
     load1 = os.getloadavg()[0]
-    saved = run_dir / ("model" if (run_dir / "model").is_dir() else "adapter")
-    if saved.name == "model":  # full fine-tuning: the tuned model is a whole model directory
-        cfg.model.name, adapter = str(saved), None
-    else:
-        adapter = saved
+    adapter = tuned_model(run_dir, cfg)  # full fine-tuning: a whole model directory
+    saved = adapter or Path(cfg.model.name)
     t0 = time.perf_counter()
     tuned = evaluate_demo_model(cfg, data, settings, console, adapter, "tuned")
     base = ModelResult(**json.loads(Path(args.base_json).read_text())["result"])
@@ -122,6 +146,7 @@ def child_method(args: argparse.Namespace) -> None:
                                                     ("refusal", "refusal rate on unanswerables"),
                                                     ("perplexity", "perplexity on general text"))},
         "final_loss": result.losses[-1] if result.losses else None,
+        "heldout_ppl": heldout_ppl(cfg, data, adapter),
     }
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -148,27 +173,45 @@ def run_child(args: argparse.Namespace, what: list[str], log: Path) -> str:
 
 
 def write_table(results: dict[str, Any], path: Path, command: str) -> None:
-    rows = ["| method | setting | trainable params | adapter size | training time | peak RSS | held-out fact acc. "
-            "| refusal rate | general retained | general-text ppl | load avg (start, end) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| method | setting | trainable params | adapter size | training time | peak RSS | held-out answer ppl "
+            "| held-out fact acc. | refusal rate | general retained | general-text ppl | load avg (start, end) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     base = next((r["base"] for r in results["rows"].values()), None)
     if base:
-        rows.append(f"| base model | - | - | - | - | - | {100 * base['heldout_fact']:.1f}% | {100 * base['refusal']:.1f}% "
-                    f"| 100% | {base['perplexity']:.2f} | |")
+        ppl = results.get("base_heldout_ppl")
+        rows.append(f"| base model | - | - | - | - | - | {_num(ppl)} | {100 * base['heldout_fact']:.1f}% "
+                    f"| {100 * base['refusal']:.1f}% | 100% | {base['perplexity']:.2f} | |")
     for name in METHODS:
         r = results["rows"].get(name)
         if r is None:
             continue
         size = r["adapter_bytes"] / 1e6
         rows.append(f"| {name} | {r['setting']} | {r['trainable_params']:,} | {size:.2f} MB | {r['train_s']:.0f} s "
-                    f"| {r['peak_rss_mb']:.0f} MB | {100 * r['heldout_fact']:.1f}% | {100 * r['refusal']:.1f}% "
+                    f"| {r['peak_rss_mb']:.0f} MB | {_num(r.get('heldout_ppl'))} | {100 * r['heldout_fact']:.1f}% "
+                    f"| {100 * r['refusal']:.1f}% "
                     f"| {100 * (r['retention'] or 0):.1f}% | {r['perplexity']:.2f} | {r['load_avg'][0]}, {r['load_avg'][1]} |")
     for name, why in results.get("skipped", {}).items():
-        rows.append(f"| {name} | skipped: {why} | | | | | | | | | |")
+        rows.append(f"| {name} | skipped: {why} | | | | | | | | | | |")
     head = (f"`{command}`, {results['epochs']} epoch(s) for every row, {results['cpu']}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, model fp32 with bf16 autocast "
             "(train.precision auto), evaluation as `lorakit demo` (218 questions, greedy, <= 40 new tokens).\n\n")
     path.write_text(head + "\n".join(rows) + "\n")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def fill_heldout_ppl(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
+    """The held-out answer perplexity for the base and for rows recorded before it was measured."""
+    work = Path(args.work)
+    for name in ["base", *results["rows"]]:
+        row = results if name == "base" else results["rows"][name]
+        key = "base_heldout_ppl" if name == "base" else "heldout_ppl"
+        if row.get(key) is None:
+            stdout = run_child(args, ["--child", f"ppl:{name}"], work / f"ppl-{name}.log")
+            row[key] = json.loads(next(x[7:] for x in stdout.splitlines() if x.startswith("RESULT ")))["heldout_ppl"]
+            out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def main() -> None:
@@ -184,6 +227,8 @@ def main() -> None:
     args.base_json = args.base_json or str(Path(args.work) / "base.json")  # the base does not depend on --epochs
     if args.child == "base":
         return child_base(args)
+    if args.child and args.child.startswith("ppl:"):
+        return child_ppl(args)
     if args.child:
         return child_method(args)
     os.chdir(ROOT)  # the configs name their data relative to the repository
@@ -221,6 +266,7 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=1) + "\n")  # each row as soon as it is done
         write_table(results, out.with_suffix(".md"), command)
         print(f"{name}: {json.dumps({k: row[k] for k in COLUMNS})}", flush=True)
+    fill_heldout_ppl(args, results, out)
     out.write_text(json.dumps(results, indent=1) + "\n")
     write_table(results, out.with_suffix(".md"), command)
 
