@@ -149,13 +149,18 @@ def test_targets_feedforward_and_damaged_files(tmp_path: Path) -> None:
     assert describe(tmp_path / "a").method == "ia3"
 
 
-def test_serve_and_adapter_only_gguf_refuse_ia3(tmp_path: Path) -> None:
+def test_serve_and_adapter_only_gguf_refuse_ia3_and_adapter_info_shows_it(tmp_path: Path, capsys) -> None:
+    from lorakit import cli
     from lorakit.export.gguf import export_gguf
     from lorakit.serve.multi_lora import check_servable
 
     model = tiny_model("llama")
     inject_ia3(model, ["all-linear"], None)
     save_trained(model, tmp_path / "a", "tiny")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["adapter", "info", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "ia3 (PEFT IA3" in out and "2 layers scale their input, 4 their output" in out
     with pytest.raises(LorakitError, match="IA3 rescales the base layer itself; merge it"):
         check_servable("x", tmp_path / "a")
     with pytest.raises(LorakitError, match="is an IA3 adapter; llama.cpp's LoRA GGUF holds LoRA A/B matrices only"):

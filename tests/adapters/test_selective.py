@@ -98,3 +98,13 @@ def test_damaged_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "s" / SELECTIVE_MANIFEST).write_text("{}")
     with pytest.raises(LorakitError, match="not a lorakit selective manifest"):
         load_any(tiny_model("llama"), tmp_path / "s")
+
+
+def test_serve_refuses_a_selective_fine_tune(tmp_path: Path) -> None:
+    from lorakit.serve.multi_lora import check_servable
+
+    model = tiny_model("llama")
+    prepare_selective(model, [r"norm\.weight$"])
+    save_trained(model, tmp_path / "s", "tiny")
+    with pytest.raises(LorakitError, match="is a selective fine-tune, which replaces base weights"):
+        check_servable("s", tmp_path / "s")
