@@ -71,6 +71,7 @@ def test_selective_trains_exactly_the_matched_tensors(workspace: Path) -> None:
     proc = run_cli("train", str(method_config(workspace, "sel", adapter, max_steps=12, save_every=12, eval_every=0,
                                               lr=1e-2)))
     assert proc.returncode == 0, proc.stderr
+    assert "selective: 8 parameter tensors train: model.layers.0.input_layernorm.weight" in proc.stdout
     run = workspace / "sel"
     manifest = json.loads((run / "adapter" / "selective.json").read_text())
     expected = {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {

@@ -289,6 +289,9 @@ def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dt
     run.stopper = _early_stopper(cfg, data.eval)  # None without train.early_stop
     run.adapted = prepare_model(run.model, cfg.adapter)
     console.print(f"model {cfg.model.name}: {parameter_summary(run.model)}")
+    if cfg.adapter.method == "selective":
+        shown = ", ".join(run.adapted[:3]) + (f" and {len(run.adapted) - 3} more" if len(run.adapted) > 3 else "")
+        console.print(f"selective: {len(run.adapted)} parameter tensors train: {shown}", markup=False)
     return run
 
 
