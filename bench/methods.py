@@ -69,12 +69,27 @@ def demo_pieces(epochs: float, config: str, overrides: list[str], out: Path) -> 
 
 def heldout_ppl(cfg: Any, data: Any, adapter: Path | None) -> float | None:
     """exp(mean loss on the held-out answers), masked as in training: learning shows here before greedy answers do."""
+    from lorakit.demo import EVAL_BATCH
     from lorakit.eval.generate import load_for_inference
     from lorakit.eval.runner import answer_perplexity
 
     im = load_for_inference(cfg.model.name, adapter, cfg.model.dtype)
     im.template, im.system_prompt = cfg.data.template, data.system_prompt
-    return answer_perplexity(im, data.sets[0], cfg.data.max_length, 16)
+    return answer_perplexity(im, data.sets[0], cfg.data.max_length, EVAL_BATCH)  # as evaluate_with_heldout_ppl
+
+
+def evaluate_with_heldout_ppl(cfg: Any, data: Any, settings: Any, adapter: Path | None) -> tuple[Any, float | None]:
+    """`lorakit demo`'s evaluation of the tuned model (demo.evaluate_demo_model's calls), plus the held-out answer
+    perplexity from the same loaded model (then taken out of the result, which the base's lacks)."""
+    from lorakit.demo import EVAL_BATCH, METRICS
+    from lorakit.eval.compare import evaluate_model
+    from lorakit.eval.generate import load_for_inference
+
+    im = load_for_inference(cfg.model.name, adapter, cfg.model.dtype)
+    im.template, im.system_prompt = cfg.data.template, data.system_prompt
+    tuned = evaluate_model(im, "tuned", data.sets, METRICS, settings, EVAL_BATCH, None, {"heldout"}, data.text,
+                           cfg.data.max_length)
+    return tuned, tuned.datasets["heldout"]["metrics"].pop("perplexity", None)
 
 
 def tuned_model(run_dir: Path, cfg: Any) -> Path | None:
@@ -113,7 +128,7 @@ def child_method(args: argparse.Namespace) -> None:
     """Train one method, evaluate it as the demo does, print its row."""
     from rich.console import Console
 
-    from lorakit.demo import evaluate_demo_model, summary_rows
+    from lorakit.demo import summary_rows
     from lorakit.eval.compare import ModelResult, build_comparison
     from lorakit.train.loop import train
 
@@ -127,7 +142,7 @@ def child_method(args: argparse.Namespace) -> None:
     adapter = tuned_model(run_dir, cfg)  # full fine-tuning: a whole model directory
     saved = adapter or Path(cfg.model.name)
     t0 = time.perf_counter()
-    tuned = evaluate_demo_model(cfg, data, settings, console, adapter, "tuned")
+    tuned, ppl = evaluate_with_heldout_ppl(cfg, data, settings, adapter)
     base = ModelResult(**json.loads(Path(args.base_json).read_text())["result"])
     comparison = build_comparison([base, tuned], "general")
     summary = {row["metric"]: row["values"] for row in summary_rows(comparison, "base", "tuned", data.variants)}
@@ -146,7 +161,7 @@ def child_method(args: argparse.Namespace) -> None:
                                                     ("refusal", "refusal rate on unanswerables"),
                                                     ("perplexity", "perplexity on general text"))},
         "final_loss": result.losses[-1] if result.losses else None,
-        "heldout_ppl": heldout_ppl(cfg, data, adapter),
+        "heldout_ppl": ppl,
     }
     print("RESULT " + json.dumps(row), flush=True)
 
