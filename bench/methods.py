@@ -67,15 +67,18 @@ def demo_pieces(epochs: float, config: str, overrides: list[str], out: Path) -> 
     return cfg, load_demo_data(cfg, None, 30), GenerationSettings(max_new_tokens=40)
 
 
-def heldout_ppl(cfg: Any, data: Any, adapter: Path | None) -> float | None:
-    """exp(mean loss on the held-out answers), masked as in training: learning shows here before greedy answers do."""
-    from lorakit.demo import EVAL_BATCH
-    from lorakit.eval.generate import load_for_inference
-    from lorakit.eval.runner import answer_perplexity
+def heldout_ppl_and_train_facts(cfg: Any, data: Any, adapter: Path | None) -> dict[str, float | None]:
+    """exp(mean loss on the held-out answers), masked as in training (learning shows here before greedy answers
+    do), and the fact accuracy on the demo's sample of trained questions, as the demo scores it."""
+    from lorakit.demo import EVAL_BATCH, METRICS
+    from lorakit.eval.generate import GenerationSettings, load_for_inference
+    from lorakit.eval.runner import answer_perplexity, run_eval
 
     im = load_for_inference(cfg.model.name, adapter, cfg.model.dtype)
     im.template, im.system_prompt = cfg.data.template, data.system_prompt
-    return answer_perplexity(im, data.sets[0], cfg.data.max_length, EVAL_BATCH)  # as evaluate_with_heldout_ppl
+    facts = run_eval(im, data.sets[1], METRICS, GenerationSettings(max_new_tokens=40), EVAL_BATCH)
+    return {"heldout_ppl": answer_perplexity(im, data.sets[0], cfg.data.max_length, EVAL_BATCH),
+            "train_fact": facts["metrics"].get("fact")}
 
 
 def evaluate_with_heldout_ppl(cfg: Any, data: Any, settings: Any, adapter: Path | None) -> tuple[Any, float | None]:
@@ -106,7 +109,7 @@ def child_ppl(args: argparse.Namespace) -> None:
     config, overrides, _ = METHODS.get(name, (LORA, [], ""))
     cfg, data, _ = demo_pieces(args.epochs, config, overrides, Path(args.work) / name)
     adapter = None if name == "base" else tuned_model(Path(args.work) / name, cfg)
-    print("RESULT " + json.dumps({"heldout_ppl": heldout_ppl(cfg, data, adapter)}), flush=True)
+    print("RESULT " + json.dumps(heldout_ppl_and_train_facts(cfg, data, adapter)), flush=True)
 
 
 def child_base(args: argparse.Namespace) -> None:
@@ -162,6 +165,8 @@ def child_method(args: argparse.Namespace) -> None:
                                                     ("perplexity", "perplexity on general text"))},
         "final_loss": result.losses[-1] if result.losses else None,
         "heldout_ppl": ppl,
+        "train_fact": summary["train fact accuracy"]["tuned"],
+        "summary": summary,
     }
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -189,12 +194,14 @@ def run_child(args: argparse.Namespace, what: list[str], log: Path) -> str:
 
 def write_table(results: dict[str, Any], path: Path, command: str) -> None:
     rows = ["| method | setting | trainable params | adapter size | training time | peak RSS | held-out answer ppl "
-            "| held-out fact acc. | refusal rate | general retained | general-text ppl | load avg (start, end) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| trained facts | held-out fact acc. | refusal rate | general retained | general-text ppl "
+            "| load avg (start, end) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     base = next((r["base"] for r in results["rows"].values()), None)
     if base:
-        ppl = results.get("base_heldout_ppl")
-        rows.append(f"| base model | - | - | - | - | - | {_num(ppl)} | {100 * base['heldout_fact']:.1f}% "
+        extra = results.get("base_extra", {})
+        rows.append(f"| base model | - | - | - | - | - | {_num(extra.get('heldout_ppl'))} | {_pct(extra.get('train_fact'))} "
+                    f"| {100 * base['heldout_fact']:.1f}% "
                     f"| {100 * base['refusal']:.1f}% | 100% | {base['perplexity']:.2f} | |")
     for name in METHODS:
         r = results["rows"].get(name)
@@ -202,11 +209,12 @@ def write_table(results: dict[str, Any], path: Path, command: str) -> None:
             continue
         size = r["adapter_bytes"] / 1e6
         rows.append(f"| {name} | {r['setting']} | {r['trainable_params']:,} | {size:.2f} MB | {r['train_s']:.0f} s "
-                    f"| {r['peak_rss_mb']:.0f} MB | {_num(r.get('heldout_ppl'))} | {100 * r['heldout_fact']:.1f}% "
+                    f"| {r['peak_rss_mb']:.0f} MB | {_num(r.get('heldout_ppl'))} | {_pct(r.get('train_fact'))} "
+                    f"| {100 * r['heldout_fact']:.1f}% "
                     f"| {100 * r['refusal']:.1f}% "
                     f"| {100 * (r['retention'] or 0):.1f}% | {r['perplexity']:.2f} | {r['load_avg'][0]}, {r['load_avg'][1]} |")
     for name, why in results.get("skipped", {}).items():
-        rows.append(f"| {name} | skipped: {why} | | | | | | | | | | |")
+        rows.append(f"| {name} | skipped: {why} | | | | | | | | | | | |")
     head = (f"`{command}`, {results['epochs']} epoch(s) for every row, {results['cpu']}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, model fp32 with bf16 autocast "
             "(train.precision auto), evaluation as `lorakit demo` (218 questions, greedy, <= 40 new tokens).\n\n")
@@ -217,15 +225,18 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def fill_heldout_ppl(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
     """The held-out answer perplexity for the base and for rows recorded before it was measured."""
     work = Path(args.work)
     for name in ["base", *results["rows"]]:
-        row = results if name == "base" else results["rows"][name]
-        key = "base_heldout_ppl" if name == "base" else "heldout_ppl"
-        if row.get(key) is None:
+        row = results.setdefault("base_extra", {}) if name == "base" else results["rows"][name]
+        if row.get("heldout_ppl") is None or "train_fact" not in row:
             stdout = run_child(args, ["--child", f"ppl:{name}"], work / f"ppl-{name}.log")
-            row[key] = json.loads(next(x[7:] for x in stdout.splitlines() if x.startswith("RESULT ")))["heldout_ppl"]
+            row.update(json.loads(next(x[7:] for x in stdout.splitlines() if x.startswith("RESULT "))))
             out.write_text(json.dumps(results, indent=1) + "\n")
 
 
