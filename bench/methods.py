@@ -229,15 +229,55 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def fill_heldout_ppl(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
-    """The held-out answer perplexity for the base and for rows recorded before it was measured."""
+def update_results(out: Path, epochs: float, change: Any) -> dict[str, Any]:
+    """Read the results file, apply `change` to it, write it back: two runs on disjoint --methods share one file."""
+    results = json.loads(out.read_text()) if out.exists() else {"epochs": epochs, "cpu": cpu_name(), "rows": {}}
+    results.setdefault("skipped", {})
+    change(results)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def fill_missing(args: argparse.Namespace, out: Path) -> None:
+    """The held-out answer perplexity and trained-fact accuracy for the base and for rows recorded without them."""
     work = Path(args.work)
+    results = update_results(out, args.epochs, lambda r: None)
     for name in ["base", *results["rows"]]:
-        row = results.setdefault("base_extra", {}) if name == "base" else results["rows"][name]
+        row = results.get("base_extra", {}) if name == "base" else results["rows"][name]
         if row.get("heldout_ppl") is None or "train_fact" not in row:
             stdout = run_child(args, ["--child", f"ppl:{name}"], work / f"ppl-{name}.log")
-            row.update(json.loads(next(x[7:] for x in stdout.splitlines() if x.startswith("RESULT "))))
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            found = json.loads(next(x[7:] for x in stdout.splitlines() if x.startswith("RESULT ")))
+            if name == "base":
+                update_results(out, args.epochs, lambda r: r.setdefault("base_extra", {}).update(found))
+            else:
+                update_results(out, args.epochs, lambda r, n=name: r["rows"][n].update(found))
+
+
+def run_method(args: argparse.Namespace, name: str, out: Path, command: str) -> None:
+    """Train and evaluate one method (unless done, or refused by the installed lorakit); record its row."""
+    work = Path(args.work)
+    if name in update_results(out, args.epochs, lambda r: None)["rows"]:
+        print(f"{name}: done already, skipped", flush=True)
+        return
+    why = accepted(name, args.epochs, work)
+    if why is not None:
+        print(f"{name}: skipped, the installed lorakit does not accept it ({why})", flush=True)
+        update_results(out, args.epochs, lambda r: r["skipped"].__setitem__(name, why))
+        return
+    print(f"{name}: training {args.epochs:g} epoch(s) (load {os.getloadavg()[0]:.2f})", flush=True)
+    try:
+        stdout = run_child(args, ["--child", name], work / f"{name}.log")
+    except RuntimeError as err:
+        print(f"{name}: {err}", flush=True)
+        return
+    row = json.loads(next(line[7:] for line in stdout.splitlines() if line.startswith("RESULT ")))
+
+    def add(results: dict[str, Any]) -> None:
+        results["rows"][name] = row
+        results["skipped"].pop(name, None)
+
+    write_table(update_results(out, args.epochs, add), out.with_suffix(".md"), command)  # as soon as it is done
+    print(f"{name}: {json.dumps({k: row.get(k) for k in COLUMNS})}", flush=True)
 
 
 def main() -> None:
@@ -247,9 +287,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/lorakit-methods", help="run directories (models, adapters)")
     p.add_argument("--results", default=None, help="results JSON (default bench/results/methods-e<epochs>.json)")
     p.add_argument("--base-json", default=None)
+    p.add_argument("--no-fill", action="store_true", help="leave measuring what older rows lack to another run")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    tag = f"{args.epochs:g}"
     args.base_json = args.base_json or str(Path(args.work) / "base.json")  # the base does not depend on --epochs
     if args.child == "base":
         return child_base(args)
@@ -262,39 +302,17 @@ def main() -> None:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         sys.exit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.results or ROOT / "bench" / "results" / f"methods-e{tag}.json")
-    results = json.loads(out.read_text()) if out.exists() else {"epochs": args.epochs, "cpu": cpu_name(), "rows": {}}
-    results.setdefault("skipped", {})
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    out = Path(args.results or ROOT / "bench" / "results" / f"methods-e{args.epochs:g}.json")
     command = "OMP_NUM_THREADS=1 python bench/methods.py " + " ".join(sys.argv[1:])
     if not Path(args.base_json).exists():
         print(f"base model evaluation (load {os.getloadavg()[0]:.2f})", flush=True)
-        run_child(args, ["--child", "base"], work / "base.log")
+        run_child(args, ["--child", "base"], Path(args.work) / "base.log")
     for name in names:
-        if name in results["rows"]:
-            print(f"{name}: done already, skipped", flush=True)
-            continue
-        why = accepted(name, args.epochs, work)
-        if why is not None:
-            print(f"{name}: skipped, the installed lorakit does not accept it ({why})", flush=True)
-            results["skipped"][name] = why
-            continue
-        results["skipped"].pop(name, None)
-        print(f"{name}: training {args.epochs:g} epoch(s) (load {os.getloadavg()[0]:.2f})", flush=True)
-        try:
-            stdout = run_child(args, ["--child", name], work / f"{name}.log")
-        except RuntimeError as err:
-            print(f"{name}: {err}", flush=True)
-            continue
-        row = json.loads(next(line[7:] for line in stdout.splitlines() if line.startswith("RESULT ")))
-        results["rows"][name] = row
-        out.write_text(json.dumps(results, indent=1) + "\n")  # each row as soon as it is done
-        write_table(results, out.with_suffix(".md"), command)
-        print(f"{name}: {json.dumps({k: row[k] for k in COLUMNS})}", flush=True)
-    fill_heldout_ppl(args, results, out)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    write_table(results, out.with_suffix(".md"), command)
+        run_method(args, name, out, command)
+    if not args.no_fill:
+        fill_missing(args, out)
+    write_table(update_results(out, args.epochs, lambda r: None), out.with_suffix(".md"), command)
 
 
 if __name__ == "__main__":
