@@ -179,7 +179,7 @@ def accepted(name: str, epochs: float, work: Path) -> str | None:
     try:
         demo_pieces(epochs, config, overrides, work / name)
     except LorakitError as err:
-        return str(err).splitlines()[0]
+        return str(err).splitlines()[0].replace(f"{ROOT}/", "")
     return None
 
 
