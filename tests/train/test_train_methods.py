@@ -90,5 +90,5 @@ def test_selective_trains_exactly_the_matched_tensors(workspace: Path) -> None:
     from lorakit.train.loop import train
 
     kl = load_config(method_config(workspace, "sel-kl", adapter, {"kl_to_base": {"weight": 1.0}}, max_steps=2))
-    with pytest.raises(LorakitError, match="adapter.method selective trains base weights and has none"):
+    with pytest.raises(LorakitError, match="selective fine-tuning trains base weights and has none"):
         train(kl, quiet=True)

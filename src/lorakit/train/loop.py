@@ -347,7 +347,7 @@ def _choose_loss(run: Run, mask_form: str | None) -> LossFn:
     if tc.kl_to_base.weight > 0:
         if run.cfg.adapter.method in ("full", "selective"):
             raise LorakitError("train.kl_to_base compares with the base through the switched-off adapters; "
-                               f"adapter.method {run.cfg.adapter.method} trains base weights and has none: "
+                               f"{run.cfg.adapter.method} fine-tuning trains base weights and has none: "
                                "set train.kl_to_base.weight: 0 or adapter.method: lora")
         if loss_fn is not fast_loss_sum:
             raise LorakitError(f"train.kl_to_base needs a model whose output head is a plain linear layer; "
