@@ -128,28 +128,39 @@ def _print_quantized(console, model: str, method: str, blocksize: int, double_qu
 
 
 @adapter_app.command("info")
-def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="A PEFT-format LoRA or prompt-tuning adapter directory.")]) -> None:
-    """What an adapter holds: base model, rank, alpha, targets (prompt tuning: virtual tokens, width), parameters, file size."""
+def adapter_info_cmd(directory: Annotated[Path, typer.Argument(help="An adapter directory (LoRA, DoRA, IA3, prompt "
+                                                                     "tuning) or a selective fine-tune.")]) -> None:
+    """What an adapter holds: base model, method, rank / vectors / virtual tokens / tensors, targets, parameters, file size."""
     from rich.text import Text
 
-    from lorakit.adapters import adapter_info
     from lorakit.adapters.lora import lora_scaling
+    from lorakit.adapters.methods import describe
 
-    ai = adapter_info(directory)
+    ai = describe(directory)
     console = _console()
     console.print(Text(f"{ai.path}", style="bold"))
     console.print(f"base model     {ai.base_model or 'unknown'}", markup=False)
-    console.print(f"method         {ai.method}{' (PEFT use_dora: magnitude + LoRA direction)' if ai.method == 'dora' else ''}")
+    notes = {"dora": " (PEFT use_dora: magnitude + LoRA direction)", "ia3": " (PEFT IA3: learned scaling vectors)",
+             "prompt_tuning": " (PEFT PROMPT_TUNING: trained virtual tokens)",
+             "selective": " (lorakit's own format: base tensors replaced; PEFT has none for it)"}
+    console.print(f"method         {ai.method}{notes.get(ai.method, '')}", markup=False)
     if ai.method == "prompt_tuning":
         console.print(f"virtual tokens {ai.num_virtual_tokens} (prepended to every sequence)")
         console.print(f"token dim      {ai.token_dim}")
         console.print(f"init           {'RANDOM' if ai.init_text is None else 'TEXT ' + repr(ai.init_text)}", markup=False)
-    else:
+    if ai.method in ("lora", "dora"):
         scaling = lora_scaling(ai.alpha, ai.r, ai.use_rslora)
         console.print(f"rank / alpha   r={ai.r}, alpha={ai.alpha:g}, scaling={scaling:g}{' (rsLoRA)' if ai.use_rslora else ''}")
         console.print(f"dropout        {ai.dropout:g}")
-        console.print(f"targets        {ai.target_modules}", markup=False)
+    if ai.method != "prompt_tuning":
+        console.print(f"{'patterns' if ai.method == 'selective' else 'targets':<14} {ai.target_modules}", markup=False)
+    if ai.method == "selective":
+        console.print(f"tensors        {len(ai.modules)} replaced (e.g. {ai.modules[0]})", markup=False)
+    elif ai.method != "prompt_tuning":
         console.print(f"modules        {len(ai.modules)} adapted layers")
+    if ai.method == "ia3":
+        console.print(f"feedforward    {len(ai.feedforward)} layers scale their input, "
+                      f"{len(ai.modules) - len(ai.feedforward)} their output")
     console.print(f"parameters     {ai.num_params:,}")
     console.print(f"files          {human_bytes(ai.file_bytes)}")
     for key, value in (ai.meta.to_dict() if ai.meta else {}).items():

@@ -67,11 +67,13 @@ class ModelConfig:
 class AdapterConfig:
     """What to train: LoRA adapters on a frozen base, or all weights."""
 
-    method: Literal["lora", "qlora", "dora", "full", "prompt_tuning"] = "lora"
+    method: Literal["lora", "qlora", "dora", "ia3", "selective", "full", "prompt_tuning"] = "lora"
     """lora: adapters on a frozen base; qlora: the same on a 4-bit (NF4) base, see `quantization`;
     dora: DoRA (a trained magnitude per output plus LoRA on the direction; with quantization.method nf4
-    it is QDoRA); full: every weight trains (for comparison); prompt_tuning: num_virtual_tokens trained
-    embeddings in front of every sequence, the whole model frozen (Lester et al. 2021; PEFT's PROMPT_TUNING)."""
+    it is QDoRA); ia3: IA3 scaling vectors (all-linear = PEFT's layers for the architecture);
+    selective: the base parameters `trainable` names train; full: every weight trains (for comparison);
+    prompt_tuning: num_virtual_tokens trained embeddings in front of every sequence, the whole model
+    frozen (Lester et al. 2021; PEFT's PROMPT_TUNING)."""
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -79,6 +81,10 @@ class AdapterConfig:
     """Module names (exact or suffix), regexes (fullmatch), or "all-linear"."""
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    feedforward_modules: list[str] | None = None
+    """ia3: the targets that scale their input (PEFT's feedforward_modules); None = PEFT's per architecture."""
+    trainable: list[str] = field(default_factory=list)
+    """selective: regexes (re.search) over full parameter names; exactly the matching parameters train."""
     num_virtual_tokens: int = 20
     """prompt_tuning: how many trained virtual tokens every sequence starts with."""
     prompt_tuning_init_text: str | None = None
@@ -91,7 +97,7 @@ class AdapterConfig:
         return self.num_virtual_tokens if self.method == "prompt_tuning" else 0
 
     def check(self) -> list[tuple[str, str]]:
-        problems = []
+        problems = selective_problems(self.method, self.trainable)
         if self.num_virtual_tokens < 1:
             problems.append(("num_virtual_tokens", f"must be >= 1, got {self.num_virtual_tokens}"))
         if self.prompt_tuning_init_text is not None and not self.prompt_tuning_init_text.strip():
@@ -105,6 +111,21 @@ class AdapterConfig:
         if not self.target_modules:
             problems.append(("target_modules", 'is empty; use "all-linear" or a list of module names'))
         return problems
+
+
+def selective_problems(method: str, trainable: list[str]) -> list[tuple[str, str]]:
+    """adapter.trainable: given exactly when method is selective, each entry a valid regex."""
+    if method != "selective":
+        return [("trainable", f"is set but adapter.method is {method}; use adapter.method: selective")] if trainable else []
+    if not trainable:
+        return [("trainable", r"is empty; list regexes of the parameters to train, e.g. ['\.bias$'] (BitFit)")]
+    problems = []
+    for pattern in trainable:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            problems.append(("trainable", f"entry {pattern!r} is not a valid regex ({err})"))
+    return problems
 
 
 @dataclass
@@ -511,9 +532,10 @@ class Config:
         if stop is not None and self.eval.every <= 0:
             problems.append(("train.early_stop", "needs generation evals during training; set eval.every to N > 0 "
                              "(a generation eval every N steps)"))
-        if self.adapter.method == "full" and self.quantization.method != "none":
-            problems.append(("quantization.method", f"is {self.quantization.method}, but adapter.method full trains "
-                             "every weight and a quantized base cannot be trained; set quantization.method: none, "
+        if self.adapter.method in ("full", "selective") and self.quantization.method != "none":
+            problems.append(("quantization.method", f"is {self.quantization.method}, but adapter.method "
+                             f"{self.adapter.method} trains base weights and a quantized base cannot be trained; "
+                             "set quantization.method: none, "
                              "or train adapters with adapter.method: qlora"))
         if self.adapter.method == "prompt_tuning" and self.train.kl_to_base.weight > 0:
             problems.append(("train.kl_to_base.weight", "must be 0 with adapter.method prompt_tuning: the KL anchor "

@@ -69,6 +69,7 @@ def write_config(root: Path, name: str, **sections: dict[str, Any]) -> Path:
     return path
 
 
+SELECTED_MLP = r"model\.layers\.1\.mlp\."
 RESUMED = ("fsdp-qlora", "fsdp-full")  # resumed by the driver from a copy of their step-3 checkpoint
 RUNS = {  # name -> sections; each trained by 2 ranks in the fixture's one torchrun launch
     "ddp": {},
@@ -85,6 +86,12 @@ RUNS = {  # name -> sections; each trained by 2 ranks in the fixture's one torch
     "ddp-prompt_tuning": {"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 4}, "train": {"lr": 0.05}},
     "fsdp-prompt_tuning": {"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 4}, "train": {"lr": 0.05},
                            "distributed": {"strategy": "fsdp"}, "eval": {"every": 3, "max_examples": 2, "max_new_tokens": 4}},
+    "ddp-ia3": {"adapter": {"method": "ia3"}},
+    "fsdp-ia3": {"adapter": {"method": "ia3"}, "distributed": {"strategy": "fsdp"}},
+    # selective: base tensors train (here block 1's MLP and every norm), FSDP shards them with the frozen rest
+    "ddp-selective": {"adapter": {"method": "selective", "trainable": [SELECTED_MLP, r"norm\.weight$"]}},
+    "fsdp-selective": {"adapter": {"method": "selective", "trainable": [SELECTED_MLP, r"norm\.weight$"]},
+                       "distributed": {"strategy": "fsdp"}},
     # the KL anchor to the base (train.kl_to_base): the reference pass runs inside DDP's / FSDP's forward too
     "ddp-kl": {"train": {"kl_to_base": {"weight": 1.0, "on": "all"}}},
     "fsdp-kl": {"train": {"kl_to_base": {"weight": 1.0, "on": "all"}}, "distributed": {"strategy": "fsdp"}},
@@ -116,7 +123,8 @@ def distributed_runs(workspace: Path) -> dict[str, Any]:
 def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    selective = run_dir / "adapter" / "selective.safetensors"  # adapter.method selective: lorakit's own file
+    return load_file(str(selective if selective.exists() else run_dir / "adapter" / "adapter_model.safetensors"))
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -156,7 +164,7 @@ def test_ddp_2_ranks_equal_one_process_with_the_doubled_batch(workspace: Path, d
         [e["tokens"] for e in single_events if e["event"] == "train"]  # token counts are global
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full", "prompt_tuning"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full", "ia3", "selective", "prompt_tuning"])
 def test_fsdp_equals_ddp(workspace: Path, distributed_runs: dict, method: str) -> None:
     suffix = "" if method == "lora" else f"-{method}"
     ddp, fsdp = distributed_runs[f"ddp{suffix}"], distributed_runs[f"fsdp{suffix}"]
@@ -179,6 +187,10 @@ def test_fsdp_equals_ddp(workspace: Path, distributed_runs: dict, method: str) -
         assert fsdp["losses"][-1] < fsdp["losses"][0]
     if method == "dora":  # the magnitudes trained (sharded under FSDP) and were gathered into PEFT's keys
         assert sum(k.endswith(".lora_magnitude_vector") for k in adapter_weights(workspace / "fsdp-dora")) == 14
+    if method == "ia3":
+        assert sum(k.endswith(".ia3_l") for k in adapter_weights(workspace / "fsdp-ia3")) == 6
+    if method == "selective":  # the whole tensors, gathered from FSDP's shards
+        assert len(adapter_weights(workspace / "fsdp-selective")) == 3 + 5
     # the checkpoint holds whole tensors in the single-process layout (FSDP's shards gathered)
     from safetensors.torch import load_file
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from lorakit.adapters.ia3 import IA3Linear, ia3_defaults, ia3_layers, ia3_merged
 from lorakit.adapters.lora import Init, LoRALinear, merged_weight
 from lorakit.errors import LorakitError
 from lorakit.models import layers
@@ -27,8 +28,8 @@ _REGEX_CHARS = set("*+?[](){}|^$\\")
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Paths of the layers LoRA can target (already-wrapped layers by their wrapper's path)."""
-    return layers.linear_layer_names(model, wrapper=LoRALinear)
+    """Paths of the layers LoRA or IA3 can target (already-wrapped layers by their wrapper's path)."""
+    return layers.linear_layer_names(model, wrapper=(LoRALinear, IA3Linear))
 
 
 def is_regex(target: str) -> bool:
@@ -97,10 +98,10 @@ def wrap_layer(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Everything but LoRA parameters (A, B and DoRA's magnitude) stops requiring gradients."""
+    """Everything but adapter parameters (LoRA's A, B and DoRA's magnitude; IA3's vectors) stops requiring gradients."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in lora_parameters(model):
+    for p in lora_parameters(model) + [layer.ia3_l for _, layer in ia3_layers(model)]:
         p.requires_grad_(True)
 
 
@@ -118,8 +119,9 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Inside the block every LoRA layer computes its base layer alone: the base model, without a second copy."""
-    layers = [layer for _, layer in lora_layers(model)]
+    """Inside the block every LoRA and IA3 layer computes its base layer alone: the base model, without a second copy."""
+    layers: list[LoRALinear | IA3Linear] = [layer for _, layer in lora_layers(model)]
+    layers += [layer for _, layer in ia3_layers(model)]
     for layer in layers:
         layer.disabled = True
     try:
@@ -158,6 +160,56 @@ def unwrap_lora(model: nn.Module, dtype: torch.dtype | None = None) -> None:
         if isinstance(base, QuantizedLinear):  # never merged in place (LoRALinear.merge refuses)
             weight = merged_weight(base.dequantized_weight(torch.float32), [layer.factor()], name)  # (out, in)
             wrap_layer(model, name, base.to_linear(dtype or torch.float32, weight))
+        else:
+            layer.merge(name)
+            wrap_layer(model, name, base)
+
+
+def inject_ia3(model: nn.Module, targets: Iterable[str], feedforward: Iterable[str] | None = None) -> list[str]:
+    """Wrap every target layer in an IA3Linear, freeze the rest; returns the wrapped paths.
+
+    `targets` ["all-linear"] (the config's default) and `feedforward` None take PEFT's defaults for the
+    architecture (ia3.IA3_DEFAULTS); a layer scales its input when a `feedforward` entry matches it.
+    """
+    targets = list(targets)
+    if targets == [ALL_LINEAR]:
+        targets, default_ff = ia3_defaults(model)
+    else:
+        try:
+            default_ff = ia3_defaults(model)[1]
+        except LorakitError:  # an architecture PEFT has no table for: no layer scales its input unless named
+            default_ff = []
+    names = find_targets(model, targets)
+    if feedforward is None:  # PEFT's feedforward layers among the chosen targets
+        ff_names = {n for n in names if any(matches(n, t) for t in default_ff)}
+    else:
+        ff_names = set(find_targets(model, feedforward)) if list(feedforward) else set()
+        stray = sorted(ff_names - set(names))
+        if stray:
+            raise LorakitError(f"adapter.feedforward_modules select {stray[0]}, which adapter.target_modules do not; "
+                               "every feedforward module must be a target too")
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, (LoRALinear, IA3Linear)):
+            raise LorakitError(f"{name} already has an adapter; load or inject adapters only once")
+        wrap_layer(model, name, IA3Linear(module, name in ff_names))
+    freeze_base(model)
+    return names
+
+
+def unwrap_ia3(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Merge every IA3 vector and put plain layers back; a quantized base is dequantized into a new
+    nn.Linear in `dtype` (default fp32), never re-quantized (as unwrap_lora)."""
+    for name, layer in list(ia3_layers(model)):
+        base = layer.base_layer
+        if isinstance(base, QuantizedLinear):
+            weight, bias = ia3_merged(base.dequantized_weight(torch.float32), base.bias, layer.ia3_l.detach(),
+                                      layer.feedforward, name)
+            new = base.to_linear(dtype or torch.float32, weight)
+            if bias is not None:
+                with torch.no_grad():
+                    new.bias.copy_(bias.to(new.bias.dtype))
+            wrap_layer(model, name, new)
         else:
             layer.merge(name)
             wrap_layer(model, name, base)

@@ -6,8 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adapters.inject import inject_lora
+from lorakit.adapters.inject import inject_ia3, inject_lora
 from lorakit.adapters.prompt_tuning import inject_prompt_tuning
+from lorakit.adapters.selective import prepare_selective
 from lorakit.config import AdapterConfig
 
 
@@ -16,6 +17,8 @@ def prepare_model(model: nn.Module, cfg: AdapterConfig, tokenizer: Any = None) -
 
     lora / qlora: wrap the targets in LoRALinear and freeze everything else.
     dora: the same with DoRA's magnitude (on a quantized base too: QDoRA).
+    ia3: wrap the targets in IA3Linear (PEFT's per-architecture layers for all-linear).
+    selective: the parameters adapter.trainable matches train (their names are returned); nothing is wrapped.
     full: every parameter trains (for comparison with LoRA); nothing is wrapped.
     prompt_tuning: the input embedding gains num_virtual_tokens trained rows (TEXT init from
     prompt_tuning_init_text needs `tokenizer`); everything else is frozen, no module is adapted.
@@ -27,6 +30,10 @@ def prepare_model(model: nn.Module, cfg: AdapterConfig, tokenizer: Any = None) -
     if cfg.method == "prompt_tuning":
         inject_prompt_tuning(model, cfg.num_virtual_tokens, cfg.prompt_tuning_init_text, tokenizer)
         return []
+    if cfg.method == "ia3":
+        return inject_ia3(model, cfg.target_modules, cfg.feedforward_modules)
+    if cfg.method == "selective":
+        return prepare_selective(model, cfg.trainable)
     return inject_lora(
         model,
         cfg.target_modules,

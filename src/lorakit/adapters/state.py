@@ -33,6 +33,7 @@ from lorakit.adapters.lora import LoRALinear
 from lorakit.adapters.prompt_tuning import (PEFT_TYPE as PROMPT_TUNING, PROMPT_KEY, check_prompt_weights,
                                             inject_prompt_tuning, peft_prompt_config, prompt_config_problem,
                                             prompt_embedding)
+from lorakit.adapters.selective import is_selective_dir, read_manifest
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
 from lorakit.models.quantized import QuantSpec
@@ -50,7 +51,7 @@ class AdapterInfo:
 
     path: Path
     base_model: str | None
-    method: str  # lora | dora (adapter_config.json's use_dora) | prompt_tuning (peft_type PROMPT_TUNING)
+    method: str  # lora | dora (adapter_config.json's use_dora) | ia3 | selective | prompt_tuning (peft_type PROMPT_TUNING)
     r: int
     alpha: float
     dropout: float
@@ -60,14 +61,10 @@ class AdapterInfo:
     num_params: int
     file_bytes: int
     meta: AdapterMeta | None = None  # lorakit.json; None for a PEFT-made adapter
+    feedforward: list[str] = field(default_factory=list)  # ia3: the layers whose input is scaled
     num_virtual_tokens: int = 0  # prompt tuning: the virtual tokens (0 for LoRA)
     token_dim: int = 0  # prompt tuning: their width (the model's hidden size)
     init_text: str | None = None  # prompt tuning: PEFT's prompt_tuning_init_text (None: RANDOM init)
-
-
-def has_adapter(model: nn.Module) -> bool:
-    """The model carries something save_adapter writes: LoRA layers or prompt-tuning virtual tokens."""
-    return prompt_embedding(model) is not None or any(True for _ in lora_layers(model))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,6 +165,29 @@ def _write_adapter(directory: Path, config: dict[str, Any], weights: dict[str, t
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """A LoRA (or DoRA) adapter's adapter_config.json, validated; other PEFT types are refused naming theirs."""
+    config = read_config_json(directory)
+    cfg_path = Path(directory) / ADAPTER_CONFIG
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == PROMPT_TUNING:
+        problem = prompt_config_problem(config)
+        if problem:
+            raise LorakitError(f"{cfg_path}: {problem}; the adapter config is damaged or not from a prompt-tuning trainer")
+        return config
+    if peft_type != "LORA":
+        raise LorakitError(f"{cfg_path}: peft_type is {peft_type or 'missing'}; this needs a LORA or PROMPT_TUNING adapter")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise LorakitError(f"{cfg_path}: use_dora is {config['use_dora']!r}, expected true or false; the adapter config is damaged")
+    if config.get("bias", "none") != "none":
+        raise LorakitError(f"{cfg_path}: bias={config['bias']!r} is not supported; use bias='none'")
+    problem = _config_problem(config)
+    if problem:
+        raise LorakitError(f"{cfg_path}: {problem}; the adapter config is damaged or not from a LoRA trainer")
+    return config
+
+
+def read_config_json(directory: str | Path) -> dict[str, Any]:
+    """adapter_config.json as a dict, any peft_type; modules_to_save refused (lorakit trains adapters only)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise LorakitError(f"adapter directory not found: {directory}; check the path")
@@ -181,27 +201,16 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LorakitError(f"{cfg_path} is not valid JSON ({err}); the adapter is damaged") from None
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type == PROMPT_TUNING:
-        problem = prompt_config_problem(config)
-        if problem:
-            raise LorakitError(f"{cfg_path}: {problem}; the adapter config is damaged or not from a prompt-tuning trainer")
-        return config
-    if peft_type != "LORA":
-        raise LorakitError(f"{cfg_path}: peft_type is {peft_type or 'missing'}; lorakit loads LORA and PROMPT_TUNING "
-                           "adapters")
-    if not isinstance(config.get("use_dora", False), bool):
-        raise LorakitError(f"{cfg_path}: use_dora is {config['use_dora']!r}, expected true or false; the adapter config is damaged")
+    if not isinstance(config, dict):
+        raise LorakitError(f"{cfg_path} holds {type(config).__name__}, not a JSON object; the adapter is damaged")
     if config.get("modules_to_save"):
         raise LorakitError(
             f"{cfg_path}: modules_to_save {config['modules_to_save']} is not supported; "
             "train LoRA adapters only"
         )
-    if config.get("bias", "none") != "none":
-        raise LorakitError(f"{cfg_path}: bias={config['bias']!r} is not supported; use bias='none'")
-    problem = _config_problem(config)
-    if problem:
-        raise LorakitError(f"{cfg_path}: {problem}; the adapter config is damaged or not from a LoRA trainer")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise LorakitError(f"{cfg_path}: base_model_name_or_path is {base!r}, expected a string; the adapter config is damaged")
     return config
 
 
@@ -324,7 +333,7 @@ def base_model_of(adapters: list[Path] | list[str], model: str | None = None) ->
     recorded = []
     for adapter in adapters:
         meta = read_adapter_meta(adapter)
-        recorded.append((read_adapter_config(adapter).get("base_model_name_or_path"), meta.base_revision if meta else None))
+        recorded.append((recorded_base(adapter), meta.base_revision if meta else None))
     if model is not None:
         commits = {rev for name, rev in recorded if name == model and rev}
         return BaseChoice(model, commits.pop() if len(commits) == 1 else None, cache_only=False)
@@ -336,6 +345,13 @@ def base_model_of(adapters: list[Path] | list[str], model: str | None = None) ->
         raise LorakitError(f"the adapters were trained on different commits of {recorded[0][0]} "
                            f"({', '.join(sorted(commits))}); load them one at a time, or pass --model")
     return BaseChoice(str(recorded[0][0]), commits.pop() if commits else None, cache_only=True)
+
+
+def recorded_base(directory: str | Path) -> str | None:
+    """The base model an adapter (any PEFT type) or a selective fine-tune records."""
+    if is_selective_dir(directory):
+        return read_manifest(directory).get("base_model")
+    return read_config_json(directory).get("base_model_name_or_path")
 
 
 def read_adapter_meta(directory: str | Path) -> AdapterMeta | None:

@@ -205,6 +205,13 @@ def run_compare_command(model: str | None, adapters: list[Path], opts: EvalOptio
     base = base_model_of(adapters[:1], model)  # the base the first adapter records, at its commit, cached only
     if base is None:
         raise LorakitError("give --model (the adapter does not record its base model)")
+    if scales is not None:
+        from lorakit.adapters.methods import adapter_kind
+
+        for adapter in adapters:
+            if adapter_kind(adapter) != "lora":
+                raise LorakitError(f"--scale multiplies a LoRA update; {adapter} is {adapter_kind(adapter)}, "
+                                   "which has none to scale: compare it without --scale")
     results = [_evaluate(base, None, "base", sets, opts, text, console, adapter_meta(adapters[0]))]
     taken = {"base"}
     runs: dict[str, list[tuple[float, str]]] = {}

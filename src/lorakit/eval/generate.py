@@ -72,7 +72,7 @@ def load_for_inference(
     None: the base the adapter records, at its recorded commit, from the local cache only (a
     BaseChoice from adapters.state.base_model_of says the same for several adapters).
     """
-    from lorakit.adapters import load_adapter
+    from lorakit.adapters.methods import load_any
     from lorakit.adapters.state import AdapterMeta, BaseChoice, base_model_of, read_adapter_meta
     from lorakit.models.load import load_model
 
@@ -90,7 +90,7 @@ def load_for_inference(
     loaded = load_model(model, dtype, device, trust_remote_code, base.revision, quantization=spec,
                         cache_only=base.cache_only)
     if adapter is not None:
-        load_adapter(loaded.model, adapter)
+        load_any(loaded.model, adapter)  # LoRA / DoRA, IA3, or a selective fine-tune's tensors
         _merge_if_exact(loaded.model)
     loaded.model.eval()
     template = meta.template or "auto"

@@ -89,9 +89,10 @@ def load_run(run_dir: Path) -> Run:
     if run.compare is None:
         run.missing.append("compare.json is missing: no before/after table or sample generations; "
                            "`lorakit compare` (or `lorakit demo`) writes it")
-    run.adapter = _read_json(run_dir / "adapter" / "adapter_config.json", run.missing)
+    adapter_file = "selective.json" if _get(run.config, "adapter", "method") == "selective" else "adapter_config.json"
+    run.adapter = _read_json(run_dir / "adapter" / adapter_file, run.missing)
     if run.adapter is None and _get(run.config, "adapter", "method") != "full":
-        run.missing.append("adapter/adapter_config.json is missing: the adapter was not saved (yet)")
+        run.missing.append(f"adapter/{adapter_file} is missing: the adapter was not saved (yet)")
     return run
 
 
@@ -231,13 +232,24 @@ def _header(run: Run) -> str:
         ("run directory", str(run.dir.resolve())),
         ("base model", _get(cfg, "model", "name") or a.get("base_model_name_or_path")),
         ("method", method),
-        ("adapter", f"r {fmt(r)}, alpha {fmt(alpha)}, targets {targets}"
-         if r is not None and method != "full" else None),
+        ("adapter", _adapter_text(method, r, alpha, targets, a)),
         ("last logged", dt.datetime.fromtimestamp(mtime).astimezone().strftime("%Y-%m-%d %H:%M %Z")),
         ("status", "finished" if run.first("end") else "no end event (interrupted or still running)"),
     ]
     meta = "".join(f"<dt>{_e(k)}</dt><dd>{_e(fmt(v))}</dd>" for k, v in rows)
     return f'<header><h1>lorakit run report</h1><dl class="meta">{meta}</dl></header>'
+
+
+def _adapter_text(method: str | None, r: Any, alpha: Any, targets: Any, a: dict[str, Any]) -> str | None:
+    """The header's adapter line: rank and alpha (LoRA, DoRA), scaled layers (IA3), trained patterns (selective)."""
+    kind = (method or "").split(" ")[0]
+    if kind == "full":
+        return None
+    if kind == "ia3":
+        return f"IA3 vectors on {targets}, feedforward {a.get('feedforward_modules')}"
+    if kind == "selective":
+        return f"trained parameters matching {a.get('patterns')}: {len(a.get('tensors') or {})} tensors"
+    return f"r {fmt(r)}, alpha {fmt(alpha)}, targets {targets}" if r is not None else None
 
 
 def _key_numbers(run: Run) -> str:

@@ -209,7 +209,7 @@ def _inference_model(model: nn.Module, tokenizer: Any, meta: Any) -> Any:
 
 def _load_merged(base: Any, ref: Any, trust_remote_code: bool) -> tuple[nn.Module, Any]:
     """The base (a BaseChoice) in fp32 (a QLoRA base dequantized) with the adapter, if any, merged in fp32."""
-    from lorakit.export.merge import adapter_factors, dequantize_all, merge_factors
+    from lorakit.export.merge import dequantize_all, merge_into
     from lorakit.models.load import load_model
 
     spec = ref.meta.quant_spec(torch.float32) if ref is not None else None  # the training base, in fp32
@@ -219,7 +219,7 @@ def _load_merged(base: Any, ref: Any, trust_remote_code: bool) -> tuple[nn.Modul
     if spec is not None:
         dequantize_all(loaded.model)
     if ref is not None:
-        merge_factors(loaded.model, adapter_factors(ref))
+        merge_into(loaded.model, [ref])  # LoRA / DoRA factors, IA3 vectors or selective tensors
     return loaded.model, loaded.tokenizer
 
 
@@ -289,6 +289,20 @@ def _checker(mode: str, im: Any) -> Callable[[GGUFResult], Any] | None:
     return None
 
 
+def _refuse_non_lora(adapter: Path) -> None:
+    """--adapter-only writes llama.cpp's LoRA GGUF: an IA3 adapter or a selective fine-tune has no A/B to put there."""
+    from lorakit.adapters.methods import adapter_kind
+    from lorakit.adapters.selective import is_selective_dir
+
+    if not ((adapter / "adapter_config.json").is_file() or is_selective_dir(adapter)):
+        return  # check_lora_dir says what the directory lacks
+    kind = adapter_kind(adapter)
+    if kind != "lora":
+        raise LorakitError(f"{adapter} is {'an IA3 adapter' if kind == 'ia3' else 'a selective fine-tune'}; llama.cpp's "
+                           "LoRA GGUF holds LoRA A/B matrices only, so --adapter-only cannot write it: export the merged "
+                           "model (lorakit export gguf --adapter DIR, without --adapter-only)")
+
+
 def _export_adapter(model_name: str | None, out: Path, adapter: str | Path | None, kind: str, mode: str,
                     trust_remote_code: bool) -> Any:
     """--adapter-only: the LoRA GGUF; `--verify llamacpp` applies it to a temporary f16 base GGUF."""
@@ -299,6 +313,7 @@ def _export_adapter(model_name: str | None, out: Path, adapter: str | Path | Non
     if adapter is None:
         raise LorakitError("--adapter-only needs --adapter DIR (the LoRA adapter to write)")
     adapter = Path(adapter)
+    _refuse_non_lora(adapter)
     check_lora_dir(adapter)
     if kind not in LORA_TYPES:
         raise LorakitError(f"--adapter-only writes the LoRA tensors as {', '.join(LORA_TYPES)}, not {kind!r}; "

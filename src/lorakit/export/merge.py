@@ -35,10 +35,10 @@ from lorakit.adapters.state import (
     adapted_modules,
     adapter_magnitude,
     base_model_of,
-    is_prompt_tuning,
     layer_alpha,
     read_adapter_config,
     read_adapter_meta,
+    read_config_json,
     read_adapter_weights,
 )
 from lorakit.dtypes import DTYPES
@@ -55,6 +55,7 @@ class AdapterRef:
     weight: float = 1.0
     config: dict[str, Any] = field(default_factory=dict)
     meta: AdapterMeta = field(default_factory=AdapterMeta)  # empty for a PEFT-made adapter
+    kind: str = "lora"  # lora (LoRA / DoRA), ia3 or selective (adapters.methods.adapter_kind)
 
 
 @dataclass
@@ -87,14 +88,54 @@ def parse_adapter_arg(text: str) -> AdapterRef:
 
 
 def read_adapter(ref: AdapterRef) -> AdapterRef:
-    """The adapter's config and lorakit.json; a prompt-tuning adapter is refused (merge and export gguf call this first)."""
-    ref.config = read_adapter_config(ref.path)
-    if is_prompt_tuning(ref.config):
+    from lorakit.adapters.methods import adapter_kind
+    from lorakit.adapters.selective import read_manifest
+
+    ref.kind = adapter_kind(ref.path)
+    if ref.kind == "prompt_tuning":
         raise LorakitError(f"{ref.path} is a prompt-tuning adapter: its virtual tokens are extra inputs, not a change "
                            "to any weight, so it cannot be merged into the model; use it with --adapter in "
                            "lorakit generate / eval / chat")
+    ref.config = {"lora": read_adapter_config, "ia3": read_config_json, "selective": read_manifest}[ref.kind](ref.path)
     ref.meta = read_adapter_meta(ref.path) or AdapterMeta()
     return ref
+
+
+def check_alone(refs: list[AdapterRef], alpha: float | None, scale: float) -> None:
+    """An IA3 adapter or a selective fine-tune merges alone, as trained: no other adapter, alpha or scale."""
+    other = next((ref for ref in refs if ref.kind != "lora"), None)
+    if other is None:
+        return
+    if len(refs) > 1:
+        raise LorakitError(f"{other.path} is {other.kind}; it rescales or replaces weights, so merge it alone")
+    if alpha is not None or scale != 1.0 or other.weight != 1.0:
+        raise LorakitError(f"{other.path} is {other.kind}, which has no low-rank update to scale; "
+                           "merge it without --alpha, --scale or a :WEIGHT")
+
+
+def apply_other(net: nn.Module, ref: AdapterRef) -> int:
+    """Put an IA3 adapter (its IA3Linear layers, the training-time forward) or a selective fine-tune's tensors
+    on `net`; the number of layers or tensors it changes."""
+    from lorakit.adapters.ia3_state import load_ia3
+    from lorakit.adapters.selective import load_selective
+
+    if ref.kind == "ia3":
+        return len(load_ia3(net, ref.path).modules)
+    return len(load_selective(net, ref.path))
+
+
+def merge_into(net: nn.Module, refs: list[AdapterRef], alpha: float | None = None, scale: float = 1.0) -> int:
+    """Every adapter folded into the plain fp32 `net`, in place (export's merged GGUF); the layers changed."""
+    from lorakit.adapters.inject import unwrap_ia3
+
+    check_alone(refs, alpha, scale)
+    if refs and refs[0].kind != "lora":
+        n = apply_other(net, refs[0])
+        unwrap_ia3(net)
+        return n
+    factors = [f for ref in refs for f in adapter_factors(ref, alpha, scale)]
+    merge_factors(net, factors)
+    return len({f.module for f in factors})
 
 
 def adapter_factors(ref: AdapterRef, alpha: float | None = None, scale: float = 1.0) -> list[LoRAFactor]:
@@ -275,30 +316,7 @@ def merge(
                         cache_only=base.cache_only)
     net, tokenizer = loaded.model, loaded.tokenizer
     dequantized = dequantize_all(net, torch.float32) if spec is not None else 0
-    factors = [f for ref in refs for f in adapter_factors(ref, alpha, scale)]
-    missing = sorted({f.module for f in factors} - {n for n, _ in net.named_modules()})
-    if missing:
-        raise LorakitError(f"the adapter adapts {missing[0]} (and {len(missing) - 1} more), which {model} does not "
-                           "have; merge it into the base model it was trained on")
-
-    check = None
-    if verify:
-        ids = probe_batch(net, tokenizer)
-        base_logits = logits_of(net, ids)
-        with adapters_as_hooks(net, factors):
-            reference = logits_of(net, ids)
-    merge_factors(net, factors)
-    net.to(DTYPES[dtype])
-    if verify:
-        check = compare(reference, logits_of(net, ids), base_logits, dtype)
-        if not check.ok:
-            raise LorakitError(
-                f"verification failed: the merged model's logits differ from base+adapter by up to "
-                f"{check.max_abs_diff:.4g} (allowed {check.tolerance:g} x {max(1.0, check.max_abs_logit):.3g}) and agree "
-                f"on the top token {100 * check.top1_agreement:.1f}% of the time; nothing was written. "
-                "Try --dtype fp32, or report the adapter"
-            )
-    layers = len({f.module for f in factors})
+    layers, check = merge_verified(net, tokenizer, refs, model, alpha, scale, dtype, verify)
     result = MergeResult(out, model, refs, layers, dequantized, dtype, check, scale, alpha)
     cfg = getattr(net, "config", None)
     if cfg is not None and hasattr(cfg, "quantization_config"):
@@ -312,6 +330,46 @@ def merge(
     return result
 
 
+def merge_verified(net: nn.Module, tokenizer: Any, refs: list[AdapterRef], model: str, alpha: float | None,
+                   scale: float, dtype: str, verify: bool) -> tuple[int, Verification | None]:
+    """Merge `refs` into the plain fp32 `net`, cast it to `dtype`, and check its logits against base + adapter
+    computed the way training computes them (LoRA: forward hooks; IA3: its layers; selective: the tensors in
+    place, so there the check covers the cast). Returns (layers changed, verification)."""
+    from lorakit.adapters.inject import unwrap_ia3
+
+    check_alone(refs, alpha, scale)
+    ids = probe_batch(net, tokenizer) if verify else None
+    base_logits = logits_of(net, ids) if ids is not None else None
+    reference = None
+    if refs[0].kind != "lora":
+        layers = apply_other(net, refs[0])
+        reference = logits_of(net, ids) if ids is not None else None
+        unwrap_ia3(net)
+    else:
+        factors = [f for ref in refs for f in adapter_factors(ref, alpha, scale)]
+        missing = sorted({f.module for f in factors} - {n for n, _ in net.named_modules()})
+        if missing:
+            raise LorakitError(f"the adapter adapts {missing[0]} (and {len(missing) - 1} more), which {model} does not "
+                               "have; merge it into the base model it was trained on")
+        if ids is not None:
+            with adapters_as_hooks(net, factors):
+                reference = logits_of(net, ids)
+        merge_factors(net, factors)
+        layers = len({f.module for f in factors})
+    net.to(DTYPES[dtype])
+    if ids is None or reference is None or base_logits is None:
+        return layers, None
+    check = compare(reference, logits_of(net, ids), base_logits, dtype)
+    if not check.ok:
+        raise LorakitError(
+            f"verification failed: the merged model's logits differ from base+adapter by up to "
+            f"{check.max_abs_diff:.4g} (allowed {check.tolerance:g} x {max(1.0, check.max_abs_logit):.3g}) and agree "
+            f"on the top token {100 * check.top1_agreement:.1f}% of the time; nothing was written. "
+            "Try --dtype fp32, or report the adapter"
+        )
+    return layers, check
+
+
 def merge_record(result: MergeResult) -> dict[str, Any]:
     from lorakit import __version__
 
@@ -319,7 +377,7 @@ def merge_record(result: MergeResult) -> dict[str, Any]:
     return {
         "lorakit_version": __version__,
         "base_model": result.base_model,
-        "adapters": [{"path": str(a.path), "weight": a.weight, "r": a.config.get("r"),
+        "adapters": [{"path": str(a.path), "kind": a.kind, "weight": a.weight, "r": a.config.get("r"),
                       "lora_alpha": a.config.get("lora_alpha"),
                       "use_dora": bool(a.config.get("use_dora")), "quantization": a.meta.quantization}
                      for a in result.adapters],
@@ -336,16 +394,21 @@ def merge_record(result: MergeResult) -> dict[str, Any]:
 
 
 def model_card(result: MergeResult) -> str:
+    kind = result.adapters[0].kind if result.adapters else "lora"
+    how = ("LoRA", "W' = W + scale x alpha/r x B A, computed in fp32") if kind == "lora" else (
+        "IA3" if kind == "ia3" else "selective",
+        "IA3: each scaled layer's output rows (and bias) or input columns times its vector" if kind == "ia3" else
+        "selective: the trained tensors in place of the base's")
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [lorakit, lora, merged]",
+        f"tags: [lorakit, {kind}, merged]",
         "---",
         "",
         f"# {result.out.name}",
         "",
-        f"A LoRA fine-tune of `{result.base_model}`, merged into full weights by lorakit "
-        f"(W' = W + scale x alpha/r x B A, computed in fp32, stored as {result.dtype}).",
+        f"A {how[0]} fine-tune of `{result.base_model}`, merged into full weights by lorakit "
+        f"({how[1]}; stored as {result.dtype}).",
         "",
         "| adapter | r | lora_alpha | weight | base quantization |",
         "|---|---:|---:|---:|---|",

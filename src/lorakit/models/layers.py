@@ -20,10 +20,11 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if module is head}
 
 
-def linear_layer_names(model: nn.Module, wrapper: type[nn.Module] | None = None) -> list[str]:
+def linear_layer_names(model: nn.Module,
+                       wrapper: type[nn.Module] | tuple[type[nn.Module], ...] | None = None) -> list[str]:
     """Paths of the linear layers (nn.Linear, GPT-2 Conv1D, lorakit quantized), in model order.
 
-    A `wrapper` instance (adapters pass LoRALinear) stands for the layer it wraps: it is listed at
+    A `wrapper` instance (adapters pass LoRALinear and IA3Linear) stands for the layer it wraps: it is listed at
     its own path, and nothing inside it is.
     """
     names: list[str] = []

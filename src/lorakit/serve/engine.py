@@ -71,7 +71,7 @@ class Engine:
 
         self.cfg = cfg
         for name, path in adapters:  # before the base loads: a DoRA adapter is refused at once
-            check_servable(name, Path(path), read_adapter_config(path))
+            check_servable(name, Path(path))
         metas = {name: read_adapter_meta(path) for name, path in adapters}
         base = base_model_of([path for _, path in adapters], model) if adapters else (BaseChoice(model) if model else None)
         if base is None:

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.inject import wrap_layer
-from lorakit.adapters.state import is_prompt_tuning
 from lorakit.quant.linear import is_linear
 from lorakit.adapters.lora import LoRALinear, linear_dims
 from lorakit.errors import LorakitError
@@ -83,14 +82,25 @@ class MultiLoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, adapters={sorted(self.factors)}"
 
 
-def check_servable(name: str, path: Path, config: dict[str, Any]) -> None:
+def check_servable(name: str, path: Path) -> None:
     """Refuse what MultiLoRALinear cannot compute: DoRA's per-row rescaling by m / ||W + s B A|| is not batched,
+    IA3 rescales the base's activations for every row of the batch, a selective fine-tune replaces base weights,
     and a prompt-tuning adapter changes no layer (its virtual tokens would need a per-request embedding path)."""
-    if is_prompt_tuning(config):
+    from lorakit.adapters.methods import adapter_kind
+    from lorakit.adapters.state import read_adapter_config
+
+    kind = adapter_kind(path)
+    if kind == "prompt_tuning":
         raise LorakitError(f"adapter {name} ({path}): serve does not take prompt-tuning adapters: the engine batches "
                            "per-layer LoRA updates by slot and has no per-request virtual-token path; use lorakit "
                            "generate / chat --adapter")
-    if config.get("use_dora"):
+    if kind == "ia3":
+        raise LorakitError(f"adapter {name} ({path}): serve batches LoRA updates added beside a shared base, and IA3 "
+                           "rescales the base layer itself; merge it with lorakit merge and serve the merged model")
+    if kind == "selective":
+        raise LorakitError(f"adapter {name} ({path}) is a selective fine-tune, which replaces base weights and cannot "
+                           "share a base with other adapters; merge it with lorakit merge and serve the merged model")
+    if read_adapter_config(path).get("use_dora"):
         raise LorakitError(f"adapter {name} ({path}): serve does not batch DoRA adapters yet; merge it with "
                            "lorakit merge and serve the merged model")
 
@@ -126,8 +136,8 @@ class AdapterBank:
         from lorakit.export.merge import AdapterRef, adapter_factors
 
         path = Path(path)
+        check_servable(name, path)
         config = read_adapter_config(path)
-        check_servable(name, path, config)
         meta = read_adapter_meta(path)
         factors = adapter_factors(AdapterRef(path, config=config))
         device = next(self.model.parameters()).device

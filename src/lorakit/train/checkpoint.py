@@ -35,7 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.adapters.state import has_adapter, require_finite, save_adapter
+from lorakit.adapters.methods import has_adapter, save_trained
+from lorakit.adapters.state import require_finite
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
 from lorakit.train.distributed import (full_parameters, full_tensor, gather_rng, is_main, like_param, rank_rng,
@@ -171,7 +172,7 @@ def _write_checkpoint(target: Path, step: int, model: nn.Module, opt_tensors: di
             state["python_rng_by_rank"] = py_rngs
         atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1) + "\n")
         if has_adapter(model):
-            save_adapter(model, tmp / "adapter", base_model_name_or_path=base_model, meta=adapter_meta)
+            save_trained(model, tmp / "adapter", base_model, meta=adapter_meta)
 
 
 class DamagedCheckpoint(LorakitError):

@@ -25,8 +25,8 @@ from torch import nn
 from lorakit import __version__
 from lorakit.adapters.fused_mlp import fuse_lora_mlps
 from lorakit.adapters.inject import parameter_summary
+from lorakit.adapters.methods import has_adapter, save_trained
 from lorakit.adapters.setup import prepare_model
-from lorakit.adapters.state import has_adapter, save_adapter
 from lorakit.config import Config, dump_config
 from lorakit.data.batching import to_device
 from lorakit.errors import LorakitError
@@ -289,6 +289,9 @@ def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dt
     run.stopper = _early_stopper(cfg, data.eval)  # None without train.early_stop
     run.adapted = prepare_model(run.model, cfg.adapter, loaded.tokenizer)
     console.print(f"model {cfg.model.name}: {parameter_summary(run.model)}")
+    if cfg.adapter.method == "selective":
+        shown = ", ".join(run.adapted[:3]) + (f" and {len(run.adapted) - 3} more" if len(run.adapted) > 3 else "")
+        console.print(f"selective: {len(run.adapted)} parameter tensors train: {shown}", markup=False)
     return run
 
 
@@ -346,9 +349,10 @@ def _choose_loss(run: Run, mask_form: str | None) -> LossFn:
         probe["attention_mask"] = additive_mask(probe["attention_mask"], model_dtype(model))
     loss_fn: LossFn = fast_loss_sum if check_fast_loss(model, probe) else full_loss_sum
     if tc.kl_to_base.weight > 0:
-        if run.cfg.adapter.method == "full":
+        if run.cfg.adapter.method in ("full", "selective"):
             raise LorakitError("train.kl_to_base compares with the base through the switched-off adapters; "
-                               "full fine-tuning has none: set train.kl_to_base.weight: 0 or adapter.method: lora")
+                               f"{run.cfg.adapter.method} fine-tuning trains base weights and has none: "
+                               "set train.kl_to_base.weight: 0 or adapter.method: lora")
         if loss_fn is not fast_loss_sum:
             raise LorakitError(f"train.kl_to_base needs a model whose output head is a plain linear layer; "
                                f"{type(model).__name__}'s is not: set train.kl_to_base.weight: 0")
@@ -371,8 +375,9 @@ def _wrap_model(run: Run) -> None:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.fused_mlps = fuse_lora_mlps(model) if run.cfg.adapter.method == "lora" and tc.fused_mlp else []
-    if run.cfg.adapter.method == "dora" and tc.fused_mlp:
-        run.console.print("fused SwiGLU MLP off: DoRA layers run unfused (train.fused_mlp applies to method lora)")
+    if run.cfg.adapter.method in ("dora", "ia3") and tc.fused_mlp:
+        kind = {"dora": "DoRA", "ia3": "IA3"}[run.cfg.adapter.method]
+        run.console.print(f"fused SwiGLU MLP off: {kind} layers run unfused (train.fused_mlp applies to method lora)")
     if tc.compile:
         _compile_layers(model)
     model.train()
@@ -611,7 +616,7 @@ def _keep_best_generation(run: Run, result: dict[str, Any] | None, step: int) ->
     if value is not None:  # the ranks' mean, so every rank takes the same decision
         value = dist.sum_over_ranks(float(value)) / dist.world_size()
     if stopper.update(step, value) and has_adapter(model):  # every rank: FSDP gathers
-        dist.on_main(model, save_adapter, model, run.run_dir / "adapter-best", run.cfg.model.name,
+        dist.on_main(model, save_trained, model, run.run_dir / "adapter-best", run.cfg.model.name,
                      dict(run.meta, step=step, best_metric=stopper.metric, best_value=value))
 
 
@@ -646,7 +651,7 @@ def _eval_and_keep_best(run: Run, state: TrainState) -> float | None:
     if loss < state.best_eval_loss:
         state.best_eval_loss = loss
         if run.cfg.train.early_stop is None and has_adapter(model):  # every rank: FSDP gathers
-            dist.on_main(model, save_adapter, model, run.run_dir / "adapter-best", run.cfg.model.name,
+            dist.on_main(model, save_trained, model, run.run_dir / "adapter-best", run.cfg.model.name,
                          dict(run.meta, step=step, eval_loss=loss))
     return loss
 
@@ -655,7 +660,7 @@ def _save_final(run: Run) -> None:
     """adapter/ (LoRA, prompt tuning) or model/ (full fine-tuning: a whole HF model with its tokenizer); rank 0."""
     model, run_dir = run.model, run.run_dir
     if has_adapter(model):
-        save_adapter(model, run_dir / "adapter", run.cfg.model.name, run.meta)
+        save_trained(model, run_dir / "adapter", run.cfg.model.name, run.meta)
         return
     from lorakit.adapters.state import require_finite
     from lorakit.io import atomic_dir
