@@ -151,14 +151,13 @@ def test_compare_scale_refuses_prompt_tuning(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_prompt_tuning_at_start_up(tmp_path: Path) -> None:
-    from lorakit.adapters.state import read_adapter_config
     from lorakit.serve.multi_lora import check_servable
 
     model = tiny_model("llama")
     inject_prompt_tuning(model, N)
     save_adapter(model, tmp_path / "pt")
     with pytest.raises(LorakitError, match="serve does not take prompt-tuning adapters"):
-        check_servable("pt", tmp_path / "pt", read_adapter_config(tmp_path / "pt"))
+        check_servable("pt", tmp_path / "pt")
 
 
 def test_greedy_generation_equals_peft_generate(tmp_path: Path) -> None:

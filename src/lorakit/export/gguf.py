@@ -290,13 +290,17 @@ def _checker(mode: str, im: Any) -> Callable[[GGUFResult], Any] | None:
 
 
 def _refuse_non_lora(adapter: Path) -> None:
-    """--adapter-only writes llama.cpp's LoRA GGUF: an IA3 adapter or a selective fine-tune has no A/B to put there."""
+    """--adapter-only writes llama.cpp's LoRA GGUF: an IA3, prompt-tuning or selective result has no A/B to put there."""
     from lorakit.adapters.methods import adapter_kind
     from lorakit.adapters.selective import is_selective_dir
 
     if not ((adapter / "adapter_config.json").is_file() or is_selective_dir(adapter)):
         return  # check_lora_dir says what the directory lacks
     kind = adapter_kind(adapter)
+    if kind == "prompt_tuning":
+        from lorakit.export.merge import AdapterRef, read_adapter
+
+        read_adapter(AdapterRef(adapter))  # refuses it with merge's reason (virtual tokens are no weight change)
     if kind != "lora":
         raise LorakitError(f"{adapter} is {'an IA3 adapter' if kind == 'ia3' else 'a selective fine-tune'}; llama.cpp's "
                            "LoRA GGUF holds LoRA A/B matrices only, so --adapter-only cannot write it: export the merged "
