@@ -143,7 +143,9 @@ def save_adapter(
     return directory
 
 
-def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+def read_adapter_config(directory: str | Path, modules_to_save: bool = False) -> dict[str, Any]:
+    """adapter_config.json, validated; `modules_to_save` True lets a SEQ_CLS adapter's trained head through
+    (lorakit.classify.head loads it)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise LorakitError(f"adapter directory not found: {directory}; check the path")
@@ -162,7 +164,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise LorakitError(f"{cfg_path}: peft_type is {peft_type or 'missing'}; lorakit loads LORA adapters")
     if not isinstance(config.get("use_dora", False), bool):
         raise LorakitError(f"{cfg_path}: use_dora is {config['use_dora']!r}, expected true or false; the adapter config is damaged")
-    if config.get("modules_to_save"):
+    if config.get("modules_to_save") and not modules_to_save:
         raise LorakitError(
             f"{cfg_path}: modules_to_save {config['modules_to_save']} is not supported; "
             "train LoRA adapters only"
@@ -360,6 +362,13 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
+    apply_adapter_weights(model, directory, config, weights, trainable)
+    return adapter_info(directory, config, weights)
+
+
+def apply_adapter_weights(model: nn.Module, directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                          trainable: bool = False) -> None:
+    """Inject (where needed) and fill the LoRA layers `weights` hold (PEFT keys; `directory` names them in errors)."""
     modules = adapted_modules(weights, directory)
     present = set(linear_layer_names(model))
     missing = [m for m in modules if m not in present]
@@ -403,7 +412,6 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
         for _, layer in lora_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(False)
-    return adapter_info(directory, config, weights)
 
 
 def adapter_magnitude(weights: dict[str, torch.Tensor], name: str, use_dora: bool, out_features: int,
