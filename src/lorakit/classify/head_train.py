@@ -53,7 +53,7 @@ def micro_step(model: nn.Module, tokenizer: Any, texts: list[str], y: torch.Tens
         logits = model(**enc).logits  # (B, K)
     loss = F.cross_entropy(logits.float(), y.to(device))
     (loss * scale).backward()
-    return float(loss), int(enc["attention_mask"].sum())
+    return float(loss.detach()), int(enc["attention_mask"].sum())
 
 
 def train_head(model: nn.Module, tokenizer: Any, texts: list[str], y: list[int], tc: TrainConfig, max_length: int,
