@@ -3,7 +3,7 @@ disagreement queue's error capture.
 
     python bench/fine_foods.py --out data/fine_foods          # the data (Debian r-cran-modeldata)
     python bench/classify_bench.py prepare                    # the subsample below
-    nohup python bench/classify_bench.py run > bench/results/classify/run.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup python bench/classify_bench.py run > bench/results/classify/run.log 2>&1 &
     python bench/classify_bench.py disagreement               # capture curve from the saved predictions
 
 The subsample (2 shared CPU cores): TRAIN_ROWS training and TEST_ROWS test rows drawn with seed 0, each text
@@ -29,7 +29,7 @@ DATA = ROOT / "data/fine_foods"
 SUB = DATA / "bench"
 OUT = ROOT / "bench/results/classify"
 RUNS = ROOT / "runs/classify"
-TRAIN_ROWS, TEST_ROWS, TEXT_TOKENS = 128, 100, 64
+TRAIN_ROWS, TEST_ROWS, TEXT_TOKENS = 192, 200, 64
 LM_CFG = "bench/configs/fine_foods_lm_label.yaml"
 HEAD_CFG = "bench/configs/fine_foods_head.yaml"
 FULL_LR = "5.0e-5"
@@ -58,7 +58,7 @@ def minilm() -> str | None:
 
 
 def steps() -> list[tuple[str, list[str]]]:
-    """In the order they run: the cheap encoder first, then SmolLM2's head, the untuned model, LoRA, full."""
+    """In the order they run: the cheap encoder, the untuned SmolLM2, lm_label LoRA and full, the head LoRA and full."""
     lk = ["-m", "lorakit"]
     out = []
     enc = minilm()
@@ -68,12 +68,12 @@ def steps() -> list[tuple[str, list[str]]]:
         out.append(("minilm_head_full", [*lk, "train", HEAD_CFG, "--set", f"model.name={enc}", "--set",
                                          "adapter.method=full", "--set", f"train.lr={FULL_LR}",
                                          "--set", f"output_dir={RUNS}/minilm_head_full"]))
-    out.append(("head_lora", [*lk, "train", HEAD_CFG, "--set", f"output_dir={RUNS}/head_lora"]))
     out.append(("zero_shot_lm_label", [*lk, "eval", "--model", "smollm2-135m-instruct", "--config", LM_CFG,
                                        "--data", str(SUB / "test.jsonl"), "--out", str(OUT / "zero_shot_lm_label.json")]))
     out.append(("lm_label_lora", [*lk, "train", LM_CFG, "--set", f"output_dir={RUNS}/lm_label_lora"]))
     out.append(("lm_label_full", [*lk, "train", LM_CFG, "--set", "adapter.method=full", "--set", f"train.lr={FULL_LR}",
                                   "--set", f"output_dir={RUNS}/lm_label_full"]))
+    out.append(("head_lora", [*lk, "train", HEAD_CFG, "--set", f"output_dir={RUNS}/head_lora"]))
     out.append(("head_full", [*lk, "train", HEAD_CFG, "--set", "adapter.method=full", "--set", f"train.lr={FULL_LR}",
                               "--set", f"output_dir={RUNS}/head_full"]))
     return out
