@@ -55,6 +55,10 @@ def test_train_eval_disagree_end_to_end(tmp_path, capsys):
     assert run_main("eval", "--adapter", tmp_path / "lm/adapter", "--data", tmp_path / "test.jsonl",
                     "--out", tmp_path / "eval.json") == 0
     assert "macro_f1" in json.loads((tmp_path / "eval.json").read_text())["results"][0]["metrics"]
+    assert run_main("compare", "--adapter", tmp_path / "lm/adapter", "--data", tmp_path / "test.jsonl",
+                    "--out", tmp_path / "lm/compare.json") == 0
+    names = [r["name"] for r in json.loads((tmp_path / "lm/compare.json").read_text())["results"]]
+    assert names == [f"{model} (untuned)", str(tmp_path / "lm/adapter")]
     capsys.readouterr()
     code = run_main("disagree", "--model", model, "--model", model, "--adapter", tmp_path / "lm/adapter",
                     "--adapter", tmp_path / "head/adapter", "--config", lm_cfg, "--data", tmp_path / "test.jsonl",
