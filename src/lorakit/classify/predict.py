@@ -49,7 +49,7 @@ def load_classifier(model: str | None, adapter: Path | None, spec: TaskSpec | No
                            "(its classification section and data.train give the labels and the prompt)")
     label = name or str(adapter or model)
     if spec.method == "head":
-        return Classifier(label, spec, *_head_model(model, adapter, spec, dtype), )
+        return Classifier(label, spec, *_head_model(model, adapter, spec, dtype))
     from lorakit.eval.generate import load_for_inference
 
     if adapter is not None and not (adapter / "adapter_config.json").exists():  # a fully tuned model/ directory

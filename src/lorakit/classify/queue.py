@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lorakit.classify.commands import Labelled
 from lorakit.classify.disagree import CHECKPOINTS, Capture, capture_curve, rank_rows
 from lorakit.eval.plots import Series, line_plot
 from lorakit.io import atomic_write_text
-
-import numpy as np
 
 
 def queue_rows(lab: Labelled, order: np.ndarray, entropy: np.ndarray, kl: np.ndarray) -> list[dict[str, Any]]:

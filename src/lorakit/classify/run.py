@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lorakit.classify.data import TaskSpec, check_labels, label_set, read_rows
 from lorakit.classify.predict import Classifier, load_classifier
 from lorakit.config import Config, dump_config
@@ -115,7 +113,3 @@ def summary_line(result: dict[str, Any]) -> str:
     m = result["metrics"]
     return (f"{result['name']}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} "
             f"({m['n']} rows)")
-
-
-def metrics_matrix(results: list[dict[str, Any]]) -> np.ndarray:
-    return np.array([[r["metrics"]["accuracy"], r["metrics"]["macro_f1"], r["metrics"]["ece"]] for r in results])
