@@ -30,6 +30,7 @@ SUB = DATA / "bench"
 OUT = ROOT / "bench/results/classify"
 RUNS = ROOT / "runs/classify"
 TRAIN_ROWS, TEST_ROWS, TEXT_TOKENS = 192, 200, 64
+LARGER = 1000  # MiniLM is ~6x cheaper: a second budget of 1000 training rows (the same test rows)
 LM_CFG = "bench/configs/fine_foods_lm_label.yaml"
 HEAD_CFG = "bench/configs/fine_foods_head.yaml"
 FULL_LR = "5.0e-5"
@@ -40,8 +41,9 @@ def prepare() -> None:
 
     tok = load_tokenizer("smollm2-135m-instruct")
     SUB.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", TRAIN_ROWS), ("test", TEST_ROWS)):
-        rows = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+    for split, n in (("train", TRAIN_ROWS), ("test", TEST_ROWS), (f"train{LARGER}", LARGER)):
+        source = "train" if split.startswith("train") else "test"
+        rows = [json.loads(line) for line in (DATA / f"{source}.jsonl").read_text(encoding="utf-8").splitlines()]
         random.Random(0).shuffle(rows)
         out = []
         for row in rows[:n]:
@@ -76,6 +78,17 @@ def steps() -> list[tuple[str, list[str]]]:
     out.append(("head_lora", [*lk, "train", HEAD_CFG, "--set", f"output_dir={RUNS}/head_lora"]))
     out.append(("head_full", [*lk, "train", HEAD_CFG, "--set", "adapter.method=full", "--set", f"train.lr={FULL_LR}",
                               "--set", f"output_dir={RUNS}/head_full"]))
+    out.append(("disagree_cli", [*lk, "disagree", "--model", "smollm2-135m-instruct", "--config", LM_CFG,
+                                 "--adapter", f"{RUNS}/lm_label_lora/adapter", "--adapter", f"{RUNS}/head_lora/adapter",
+                                 "--data", str(SUB / "test.jsonl"), "--labels", "label",
+                                 "--out", str(OUT / "queue.jsonl"), "--html", str(OUT / "queue.html")]))
+    if enc:
+        larger = ["--set", f"model.name={enc}", "--set", f"data.train={SUB}/train{LARGER}.jsonl"]
+        out.append((f"minilm_head_lora_{LARGER}", [*lk, "train", HEAD_CFG, *larger,
+                                                    "--set", f"output_dir={RUNS}/minilm_head_lora_{LARGER}"]))
+        out.append((f"minilm_head_full_{LARGER}", [*lk, "train", HEAD_CFG, *larger, "--set", "adapter.method=full",
+                                                    "--set", f"train.lr={FULL_LR}",
+                                                    "--set", f"output_dir={RUNS}/minilm_head_full_{LARGER}"]))
     return out
 
 
@@ -100,6 +113,9 @@ def run_step(name: str, argv: list[str]) -> dict:
 def collect(name: str, record: dict) -> dict:
     """The step's metrics: the classify_eval.json of a run, or eval --out's JSON."""
     run_dir = RUNS / name
+    if name == "disagree_cli":
+        capture = json.loads((OUT / "queue.capture.json").read_text())
+        return {**record, **{k: capture[k] for k in ("total_model_errors", "total_label_errors", "at")}}
     if name.startswith("zero_shot"):
         result = json.loads((OUT / f"{name}.json").read_text())["results"][0]
         record.update(trainable_params=0, train_s=0.0)
@@ -170,5 +186,32 @@ def disagreement() -> None:
         capture.at(k) for k in (0.1, 0.2, 0.5)]}, indent=2) + "\n")
 
 
+LABELS = {"zero_shot_lm_label": ("SmolLM2-135M", "lm_label", "untuned (zero-shot prompt)"),
+          "lm_label_lora": ("SmolLM2-135M", "lm_label", "LoRA r=16, lr 5e-4"),
+          "lm_label_full": ("SmolLM2-135M", "lm_label", f"full, lr {FULL_LR}"),
+          "head_lora": ("SmolLM2-135M", "head", "LoRA r=16 + head, lr 5e-4"),
+          "head_full": ("SmolLM2-135M", "head", f"full, lr {FULL_LR}"),
+          "minilm_head_lora": ("all-MiniLM-L6-v2", "head", "LoRA r=16 + head, lr 5e-4"),
+          "minilm_head_full": ("all-MiniLM-L6-v2", "head", f"full, lr {FULL_LR}"),
+          f"minilm_head_lora_{LARGER}": ("all-MiniLM-L6-v2", "head", f"LoRA r=16 + head, lr 5e-4, {LARGER} rows"),
+          f"minilm_head_full_{LARGER}": ("all-MiniLM-L6-v2", "head", f"full, lr {FULL_LR}, {LARGER} rows")}
+
+
+def table() -> None:
+    """results.json as the markdown table of BENCHMARKS.md / README (bench/results/classify/results.md)."""
+    results = json.loads((OUT / "results.json").read_text())
+    lines = ["| model | method | training | accuracy | macro-F1 | ECE | trainable params | train s | eval s | "
+             "peak RSS MB | load (1 min) before / after |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted((r for r in results if r["step"] in LABELS), key=lambda r: list(LABELS).index(r["step"])):
+        if r.get("returncode") != 0:
+            lines.append(f"| {' | '.join(LABELS[r['step']])} | failed (exit {r['returncode']}) | | | | | | | |")
+            continue
+        lines.append(f"| {' | '.join(LABELS[r['step']])} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['ece']:.3f} | "
+                     f"{r['trainable_params']:,} | {r['train_s']:.0f} | {r['eval_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['load_before'].split()[0]} / {r['load_after'].split()[0]} |")
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
-    {"prepare": prepare, "run": run, "disagreement": disagreement}[sys.argv[1]]()
+    {"prepare": prepare, "run": run, "disagreement": disagreement, "table": table}[sys.argv[1]]()
