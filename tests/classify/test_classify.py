@@ -194,6 +194,9 @@ def test_capture_curve_matches_direct_count():
     assert cap.label_errors[6] == pytest.approx(sum(label_err[i] for i in order[:6]) / sum(label_err))
     point = cap.at(0.2)
     assert point["rows"] == 6 and point["random"] == pytest.approx(0.2)
+    best = sorted((sum(w) for w in wrong), reverse=True)
+    assert point["best_model_errors"] == pytest.approx(sum(best[:6]) / total)
+    assert point["best_model_errors"] >= point["model_errors"]
 
 
 # ----------------------------------------------------------------------------- bad input

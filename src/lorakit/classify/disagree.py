@@ -9,7 +9,10 @@ With gold labels the queue is evaluated: the error-capture curve gives, for the 
 share of the models' errors ((row, model) pairs whose label is not the gold one) and of label
 errors (rows whose gold label differs from the models' consensus, the majority label with ties
 to the highest mean probability: where reviewing finds a wrong label or a shared mistake) found
-there. A random order finds k% of either in k% of the rows, in expectation.
+there. A random order finds k% of either in k% of the rows, in expectation; no order finds more model
+errors than the rows sorted by their number of errors (`best_model_errors`). With two models and two
+labels a row they disagree on holds exactly one model error, so a disagreement queue finds at most
+N / (model errors) times what random order finds; rows both get wrong are never at its top.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class Capture:
     model_errors: list[float]  # share of (row, model) errors in the top n
     label_errors: list[float]  # share of label errors in the top n
     per_model: dict[str, list[float]]
+    best_model_errors: list[float]  # the best any order could do: rows by their number of model errors
     total_model_errors: int
     total_label_errors: int
 
@@ -76,7 +80,7 @@ class Capture:
         n = len(self.fraction) - 1
         top = int(np.ceil(k * n - 1e-9))
         return {"k": k, "rows": top, "model_errors": self.model_errors[top], "label_errors": self.label_errors[top],
-                "random": top / n if n else 0.0}
+                "random": top / n if n else 0.0, "best_model_errors": self.best_model_errors[top]}
 
 
 def _share(hits: np.ndarray) -> list[float]:
@@ -96,6 +100,7 @@ def capture_curve(probs: np.ndarray, gold: np.ndarray, order: np.ndarray, names:
         model_errors=_share(wrong.sum(axis=0)[order].astype(np.float64)),
         label_errors=_share(label_error[order].astype(np.float64)),
         per_model={name: _share(wrong[i][order].astype(np.float64)) for i, name in enumerate(names)},
+        best_model_errors=_share(np.sort(wrong.sum(axis=0))[::-1].astype(np.float64)),
         total_model_errors=int(wrong.sum()),
         total_label_errors=int(label_error.sum()),
     )

@@ -53,7 +53,8 @@ def capture_lines(capture: Capture) -> list[str]:
         lines.append(f"top {point['k']:.0%} ({point['rows']} rows): {point['model_errors']:.1%} of model errors, "
                      f"{point['label_errors']:.1%} of label errors; random order {point['random']:.1%} "
                      f"({_ratio(point['model_errors'], point['random'])} / "
-                     f"{_ratio(point['label_errors'], point['random'])} of random)")
+                     f"{_ratio(point['label_errors'], point['random'])} of random); best possible order "
+                     f"{point['best_model_errors']:.1%} of model errors")
     return lines
 
 
@@ -65,7 +66,8 @@ def capture_plot(capture: Capture) -> str | None:
     x = [100 * f for f in capture.fraction]
     lines = [Series("model errors (by disagreement)", x, [100 * v for v in capture.model_errors]),
              Series("label errors (by disagreement)", x, [100 * v for v in capture.label_errors]),
-             Series("random order (expected)", x, x, dashed=True)]
+             Series("random order (expected)", x, x, dashed=True),
+             Series("best possible order (model errors)", x, [100 * v for v in capture.best_model_errors], dashed=True)]
     lines += [Series(f"errors of {name}", x, [100 * v for v in curve], dashed=True)
               for name, curve in capture.per_model.items()]
     return line_plot("Error capture: share of errors in the top k% of the queue", "% of errors found",
@@ -106,7 +108,8 @@ def write_queue(out: Path, records: list[dict[str, Any]], capture: Capture | Non
     if capture is not None:
         atomic_write_text(out.with_suffix(".capture.json"), json.dumps(
             {**summary(capture), "fraction": capture.fraction, "model_errors": capture.model_errors,
-             "label_errors": capture.label_errors, "per_model": capture.per_model}) + "\n")
+             "label_errors": capture.label_errors, "best_model_errors": capture.best_model_errors,
+             "per_model": capture.per_model}) + "\n")
 
 
 def run_disagree(model_args: list[str], data: Path, out: Path, labels: str | None, html_out: Path | None,
