@@ -48,8 +48,8 @@ def load_sequence_classifier(where: str, labels: list[str], dtype: torch.dtype, 
             where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise LorakitError(f"cannot load {where} as a sequence classifier: {str(err).splitlines()[0]}") from None
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = pad_token_id  # decoders find each row's last token by the pad id
+    if pad_token_id is not None:  # decoders find each row's last token by the pad id: the one the tokenizer pads with
+        model.config.pad_token_id = pad_token_id
     return model.eval()
 
 
