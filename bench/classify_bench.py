@@ -158,7 +158,7 @@ def run() -> None:
         print(json.dumps({k: v for k, v in record.items() if k != "confusion"}), flush=True)
 
 
-def disagreement() -> None:
+def disagreement(models: int = 3) -> None:
     """The untuned model zero-shot vs the LoRA-tuned one (+ the LoRA head when it ran): the capture curve."""
     import numpy as np
 
@@ -167,7 +167,7 @@ def disagreement() -> None:
 
     sources = [("smollm2 zero-shot", OUT / "zero_shot_lm_label.json"),
                ("smollm2 LoRA lm_label", RUNS / "lm_label_lora/classify_eval.json"),
-               ("smollm2 LoRA head", RUNS / "head_lora/classify_eval.json")]
+               ("smollm2 LoRA head", RUNS / "head_lora/classify_eval.json")][:models]
     preds, names = [], []
     for name, path in sources:
         if path.exists():
@@ -180,9 +180,12 @@ def disagreement() -> None:
                    [p["row"] for p in preds[0]])
     records, capture = build_queue(lab)
     lines = capture_lines(capture)
+    for name, curve in capture.per_model.items():
+        lines.append(f"{name}'s own errors in the top 10/20/50%: " + ", ".join(
+            f"{curve[capture.at(k)['rows']]:.1%}" for k in (0.1, 0.2, 0.5)))
     print("\n".join(lines))
-    write_html(OUT / "disagreement.html", lab, records, capture)
-    (OUT / "disagreement.json").write_text(json.dumps({"models": names, "lines": lines, "at": [
+    write_html(OUT / f"disagreement{len(names)}.html", lab, records, capture)
+    (OUT / f"disagreement{len(names)}.json").write_text(json.dumps({"models": names, "lines": lines, "at": [
         capture.at(k) for k in (0.1, 0.2, 0.5)]}, indent=2) + "\n")
 
 
@@ -214,4 +217,5 @@ def table() -> None:
 
 
 if __name__ == "__main__":
-    {"prepare": prepare, "run": run, "disagreement": disagreement, "table": table}[sys.argv[1]]()
+    commands = {"prepare": prepare, "run": run, "disagreement": disagreement, "table": table}
+    commands[sys.argv[1]](*[int(a) for a in sys.argv[2:]])
