@@ -200,18 +200,46 @@ LABELS = {"zero_shot_lm_label": ("SmolLM2-135M", "lm_label", "untuned (zero-shot
           f"minilm_head_full_{LARGER}": ("all-MiniLM-L6-v2", "head", f"full, lr {FULL_LR}, {LARGER} rows")}
 
 
+def _train_rss(step: str) -> str:
+    """The training loop's own peak RSS (eval.json), before the test split is scored in the same process."""
+    path = RUNS / step / "eval.json"
+    value = json.loads(path.read_text()).get("peak_rss_mb") if path.exists() else None
+    return f"{value:.0f}" if value else "-"
+
+
+def paired(a: str, b: str) -> str:
+    """McNemar's exact test on the rows one of runs a, b gets right and the other wrong (same test rows)."""
+    import math
+
+    right = []
+    for step in (a, b):
+        path = RUNS / step / "classify_eval.json"
+        if not path.exists():
+            return f"{a} vs {b}: not both measured"
+        right.append([p["label"] == p["predicted"] for p in json.loads(path.read_text())["results"][0]["predictions"]])
+    only_a = sum(x and not y for x, y in zip(*right))
+    only_b = sum(y and not x for x, y in zip(*right))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return f"{a} vs {b}: {only_a} rows only {a} gets right, {only_b} only {b}; McNemar exact p = {p:.2f}"
+
+
 def table() -> None:
     """results.json as the markdown table of BENCHMARKS.md / README (bench/results/classify/results.md)."""
     results = json.loads((OUT / "results.json").read_text())
     lines = ["| model | method | training | accuracy | macro-F1 | ECE | trainable params | train s | eval s | "
-             "peak RSS MB | load (1 min) before / after |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "peak RSS MB: training / process | load (1 min) before / after |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted((r for r in results if r["step"] in LABELS), key=lambda r: list(LABELS).index(r["step"])):
         if r.get("returncode") != 0:
             lines.append(f"| {' | '.join(LABELS[r['step']])} | failed (exit {r['returncode']}) | | | | | | | |")
             continue
         lines.append(f"| {' | '.join(LABELS[r['step']])} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['ece']:.3f} | "
-                     f"{r['trainable_params']:,} | {r['train_s']:.0f} | {r['eval_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['trainable_params']:,} | {r['train_s']:.0f} | {r['eval_s']:.0f} | {_train_rss(r['step'])} / "
+                     f"{r['peak_rss_mb']:.0f} | "
                      f"{r['load_before'].split()[0]} / {r['load_after'].split()[0]} |")
+    lines += ["", *[paired(a, b) for a, b in (("lm_label_lora", "lm_label_full"), ("head_lora", "head_full"),
+                                               ("minilm_head_lora_1000", "minilm_head_full_1000"))]]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
