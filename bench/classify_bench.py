@@ -89,6 +89,12 @@ def steps() -> list[tuple[str, list[str]]]:
         out.append((f"minilm_head_full_{LARGER}", [*lk, "train", HEAD_CFG, *larger, "--set", "adapter.method=full",
                                                     "--set", f"train.lr={FULL_LR}",
                                                     "--set", f"output_dir={RUNS}/minilm_head_full_{LARGER}"]))
+    for seed in (1,):  # a second seed for the central comparison, as time allowed
+        out.append((f"lm_label_lora_seed{seed}", [*lk, "train", LM_CFG, "--set", f"seed={seed}",
+                                                  "--set", f"output_dir={RUNS}/lm_label_lora_seed{seed}"]))
+        out.append((f"lm_label_full_seed{seed}", [*lk, "train", LM_CFG, "--set", f"seed={seed}", "--set",
+                                                  "adapter.method=full", "--set", f"train.lr={FULL_LR}",
+                                                  "--set", f"output_dir={RUNS}/lm_label_full_seed{seed}"]))
     return out
 
 
@@ -192,6 +198,8 @@ def disagreement(models: int = 3) -> None:
 LABELS = {"zero_shot_lm_label": ("SmolLM2-135M", "lm_label", "untuned (zero-shot prompt)"),
           "lm_label_lora": ("SmolLM2-135M", "lm_label", "LoRA r=16, lr 5e-4"),
           "lm_label_full": ("SmolLM2-135M", "lm_label", f"full, lr {FULL_LR}"),
+          "lm_label_lora_seed1": ("SmolLM2-135M", "lm_label", "LoRA r=16, lr 5e-4, seed 1"),
+          "lm_label_full_seed1": ("SmolLM2-135M", "lm_label", f"full, lr {FULL_LR}, seed 1"),
           "head_lora": ("SmolLM2-135M", "head", "LoRA r=16 + head, lr 5e-4"),
           "head_full": ("SmolLM2-135M", "head", f"full, lr {FULL_LR}"),
           "minilm_head_lora": ("all-MiniLM-L6-v2", "head", "LoRA r=16 + head, lr 5e-4"),
@@ -238,7 +246,8 @@ def table() -> None:
                      f"{r['trainable_params']:,} | {r['train_s']:.0f} | {r['eval_s']:.0f} | {_train_rss(r['step'])} / "
                      f"{r['peak_rss_mb']:.0f} | "
                      f"{r['load_before'].split()[0]} / {r['load_after'].split()[0]} |")
-    lines += ["", *[paired(a, b) for a, b in (("lm_label_lora", "lm_label_full"), ("head_lora", "head_full"),
+    lines += ["", *[paired(a, b) for a, b in (("lm_label_lora", "lm_label_full"), ("lm_label_lora_seed1", "lm_label_full_seed1"),
+                                               ("head_lora", "head_full"),
                                                ("minilm_head_lora_1000", "minilm_head_full_1000"))]]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
