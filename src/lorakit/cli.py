@@ -500,11 +500,12 @@ def disagree(
     batch_size: BatchSizeOpt = 8,
     limit: LimitOpt = None,
     dtype: DtypeOpt = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace --out / --html when they exist.")] = False,
 ) -> None:
     """--model A [--adapter DIR] --model B [--adapter DIR] ...: rank rows by the models' disagreement for review."""
     from lorakit.classify.queue import run_disagree
 
-    run_disagree(list(ctx.args), data, out, labels, html_out, config, batch_size, limit, dtype, _console())
+    run_disagree(list(ctx.args), data, out, labels, html_out, config, batch_size, limit, dtype, _console(), force)
 
 
 @app.command()

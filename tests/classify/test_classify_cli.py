@@ -70,6 +70,12 @@ def test_train_eval_disagree_end_to_end(tmp_path, capsys):
     assert keys == sorted(keys)
     assert "top 20%" in capsys.readouterr().out
     assert "img-src data:" in (tmp_path / "q.html").read_text()
+    before = (tmp_path / "q.jsonl").read_bytes()
+    assert run_main("disagree", "--model", model, "--adapter", tmp_path / "lm/adapter", "--model", model,
+                    "--config", lm_cfg,
+                    "--data", tmp_path / "test.jsonl", "--out", tmp_path / "q.jsonl") == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "q.jsonl").read_bytes() == before
 
 
 @pytest.mark.parametrize("rows, message", [

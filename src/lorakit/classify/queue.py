@@ -113,16 +113,19 @@ def write_queue(out: Path, records: list[dict[str, Any]], capture: Capture | Non
 
 
 def run_disagree(model_args: list[str], data: Path, out: Path, labels: str | None, html_out: Path | None,
-                 config: Path | None, batch_size: int, limit: int | None, dtype: str, console: Any) -> None:
+                 config: Path | None, batch_size: int, limit: int | None, dtype: str, console: Any,
+                 force: bool = False) -> None:
     """Load every model, label every row, rank, write the queue (and the capture curve / page with gold labels)."""
     from lorakit.classify.commands import config_spec, label_everything, parse_model_args
     from lorakit.classify.predict import load_classifier
     from lorakit.errors import LorakitError
 
     models = parse_model_args(model_args)
-    for target in (out, html_out):
-        if target is not None and target.exists() and target.is_dir():
+    for target in (out, html_out, out.with_suffix(".capture.json") if labels else None):
+        if target is not None and target.is_dir():
             raise LorakitError(f"{target} is a directory; give a file path")
+        if target is not None and target.exists() and not force:
+            raise LorakitError(f"{target} exists; pass --force to replace it, or choose another path")
     spec = config_spec(config)
     names: set[str] = set()
     classifiers = []
