@@ -94,3 +94,30 @@ def test_bad_training_data_is_one_line(tmp_path, capsys, rows, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["fine_foods_lm_label.yaml", "fine_foods_head.yaml"])
+def test_benchmark_configs_validate(name):
+    from lorakit.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "bench/configs" / name)
+    assert cfg.task == "classification" and cfg.classification.method in ("lm_label", "head")
+
+
+def test_classification_config_problems_reported_together(tmp_path):
+    from lorakit.config import load_config
+    from lorakit.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"task": "classification", "adapter": {"method": "qlora"},
+                                    "classification": {"method": "head", "prompt": "no placeholder",
+                                                       "labels": ["a", "a"]}}), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    for part in ("classification.prompt", "classification.labels", "data.train"):
+        assert part in text
+    path.write_text(yaml.safe_dump({"task": "classification", "adapter": {"method": "qlora"}, "data": {"train": "t.jsonl"},
+                                    "classification": {"method": "head"}}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="adapter.method: is qlora; classification.method head trains lora or full"):
+        load_config(path)
