@@ -179,10 +179,10 @@ def train(
     from lorakit.train import distributed
 
     cfg = load_config(config, set_)  # config mistakes are reported once, before any process starts
-    if cfg.task == "classification" and nproc is None:
+    if cfg.task == "classification":
         from lorakit.classify.run import train_classifier
 
-        train_classifier(cfg, _console())
+        train_classifier(cfg, _console(), nproc)
         return
     if nproc is not None:
         argv = ["train", str(config), *[a for s in set_ or [] for a in ("--set", s)], *(["--resume"] if resume else [])]

@@ -43,8 +43,10 @@ def labelled_split(path: str | Path, spec: TaskSpec, where: str = "in the traini
     return rows
 
 
-def train_classifier(cfg: Config, console: Any) -> Path:
+def train_classifier(cfg: Config, console: Any, nproc: int | None = None) -> Path:
     """Train the classifier `cfg` describes; returns the run directory."""
+    if nproc is not None:
+        raise LorakitError("task: classification trains in one process; drop --nproc")
     spec, rows = task_spec(cfg)
     held = [labelled_split(p, spec) for p in (cfg.data.eval, cfg.data.test) if p]  # label errors before training
     run_dir = Path(cfg.output_dir)
