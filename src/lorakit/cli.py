@@ -182,7 +182,7 @@ def train(
     if cfg.task == "classification":
         from lorakit.classify.run import train_classifier
 
-        train_classifier(cfg, _console(), nproc)
+        train_classifier(cfg, _console(), nproc, resume)
         return
     if nproc is not None:
         argv = ["train", str(config), *[a for s in set_ or [] for a in ("--set", s)], *(["--resume"] if resume else [])]

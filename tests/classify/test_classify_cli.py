@@ -52,6 +52,9 @@ def test_train_eval_disagree_end_to_end(tmp_path, capsys):
         assert result["metrics"]["n"] == 6 and len(result["predictions"]) == 6
         assert "Classification</h2>" in (tmp_path / run / "report.html").read_text()
     assert json.loads((tmp_path / "head/adapter/adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    kept = (tmp_path / "lm/classify_data/train.jsonl").read_bytes()
+    assert run_main("train", lm_cfg) == 2  # the run directory is never reused
+    assert (tmp_path / "lm/classify_data/train.jsonl").read_bytes() == kept
     assert run_main("eval", "--adapter", tmp_path / "lm/adapter", "--data", tmp_path / "test.jsonl",
                     "--out", tmp_path / "eval.json") == 0
     assert "macro_f1" in json.loads((tmp_path / "eval.json").read_text())["results"][0]["metrics"]

@@ -8,7 +8,6 @@ from typing import Any
 
 from lorakit.classify.data import TaskSpec
 from lorakit.config import Config, dump_config
-from lorakit.errors import LorakitError
 from lorakit.io import atomic_dir, atomic_write_text
 
 
@@ -22,9 +21,7 @@ def train_head_classifier(cfg: Config, spec: TaskSpec, rows: list, console: Any)
     from lorakit.train.loop import seed_everything
     from lorakit.train.support import autocast_dtype, resolve_device
 
-    run_dir = Path(cfg.output_dir)
-    if (run_dir / "config.yaml").exists():
-        raise LorakitError(f"{run_dir} already holds a run; choose another directory with --set output_dir=...")
+    run_dir = Path(cfg.output_dir)  # new or empty: train_classifier checked
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     device = resolve_device(cfg.train.device)

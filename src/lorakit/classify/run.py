@@ -43,13 +43,18 @@ def labelled_split(path: str | Path, spec: TaskSpec, where: str = "in the traini
     return rows
 
 
-def train_classifier(cfg: Config, console: Any, nproc: int | None = None) -> Path:
-    """Train the classifier `cfg` describes; returns the run directory."""
-    if nproc is not None:
-        raise LorakitError("task: classification trains in one process; drop --nproc")
+def train_classifier(cfg: Config, console: Any, nproc: int | None = None, resume: bool = False) -> Path:
+    """Train the classifier `cfg` describes; returns the run directory (a new one: nothing in an old run is
+    replaced)."""
+    if nproc is not None or resume:
+        raise LorakitError(f"task: classification trains in one process from the start; drop "
+                           f"{'--nproc' if nproc is not None else '--resume'}")
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise LorakitError(f"output_dir {run_dir} exists and is not an empty directory; choose another with "
+                           "--set output_dir=...")
     spec, rows = task_spec(cfg)
     held = [labelled_split(p, spec) for p in (cfg.data.eval, cfg.data.test) if p]  # label errors before training
-    run_dir = Path(cfg.output_dir)
     console.print(f"classification ({spec.method}, {cfg.adapter.method}): {len(rows)} rows, labels "
                   f"{', '.join(spec.labels)}")
     if spec.method == "lm_label":
