@@ -89,7 +89,7 @@ def steps() -> list[tuple[str, list[str]]]:
         out.append((f"minilm_head_full_{LARGER}", [*lk, "train", HEAD_CFG, *larger, "--set", "adapter.method=full",
                                                     "--set", f"train.lr={FULL_LR}",
                                                     "--set", f"output_dir={RUNS}/minilm_head_full_{LARGER}"]))
-    for seed in (1,):  # a second seed for the central comparison, as time allowed
+    for seed in (1, 2):  # more seeds for the central comparison, as time allowed
         out.append((f"lm_label_lora_seed{seed}", [*lk, "train", LM_CFG, "--set", f"seed={seed}",
                                                   "--set", f"output_dir={RUNS}/lm_label_lora_seed{seed}"]))
         out.append((f"lm_label_full_seed{seed}", [*lk, "train", LM_CFG, "--set", f"seed={seed}", "--set",
@@ -200,6 +200,8 @@ LABELS = {"zero_shot_lm_label": ("SmolLM2-135M", "lm_label", "untuned (zero-shot
           "lm_label_full": ("SmolLM2-135M", "lm_label", f"full, lr {FULL_LR}"),
           "lm_label_lora_seed1": ("SmolLM2-135M", "lm_label", "LoRA r=16, lr 5e-4, seed 1"),
           "lm_label_full_seed1": ("SmolLM2-135M", "lm_label", f"full, lr {FULL_LR}, seed 1"),
+          "lm_label_lora_seed2": ("SmolLM2-135M", "lm_label", "LoRA r=16, lr 5e-4, seed 2"),
+          "lm_label_full_seed2": ("SmolLM2-135M", "lm_label", f"full, lr {FULL_LR}, seed 2"),
           "head_lora": ("SmolLM2-135M", "head", "LoRA r=16 + head, lr 5e-4"),
           "head_full": ("SmolLM2-135M", "head", f"full, lr {FULL_LR}"),
           "minilm_head_lora": ("all-MiniLM-L6-v2", "head", "LoRA r=16 + head, lr 5e-4"),
@@ -232,6 +234,17 @@ def paired(a: str, b: str) -> str:
     return f"{a} vs {b}: {only_a} rows only {a} gets right, {only_b} only {b}; McNemar exact p = {p:.2f}"
 
 
+def seed_mean(results: list[dict], kind: str) -> str:
+    """Mean (min-max) accuracy and macro-F1 of SmolLM2 lm_label `kind` over the seeds measured."""
+    runs = [r for r in results if r.get("returncode") == 0
+            and (r["step"] == f"lm_label_{kind}" or r["step"].startswith(f"lm_label_{kind}_seed"))]
+    if not runs:
+        return f"lm_label {kind}: no run"
+    acc, f1 = [r["accuracy"] for r in runs], [r["macro_f1"] for r in runs]
+    return (f"lm_label {kind} over {len(runs)} seeds: accuracy {sum(acc) / len(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}), "
+            f"macro-F1 {sum(f1) / len(f1):.3f} ({min(f1):.3f}-{max(f1):.3f})")
+
+
 def table() -> None:
     """results.json as the markdown table of BENCHMARKS.md / README (bench/results/classify/results.md)."""
     results = json.loads((OUT / "results.json").read_text())
@@ -247,8 +260,10 @@ def table() -> None:
                      f"{r['peak_rss_mb']:.0f} | "
                      f"{r['load_before'].split()[0]} / {r['load_after'].split()[0]} |")
     lines += ["", *[paired(a, b) for a, b in (("lm_label_lora", "lm_label_full"), ("lm_label_lora_seed1", "lm_label_full_seed1"),
+                                               ("lm_label_lora_seed2", "lm_label_full_seed2"),
                                                ("head_lora", "head_full"),
                                                ("minilm_head_lora_1000", "minilm_head_full_1000"))]]
+    lines += [seed_mean(results, kind) for kind in ("lora", "full")]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
