@@ -197,6 +197,11 @@ def train(
     from lorakit.train import distributed
 
     cfg = load_config(config, set_)  # config mistakes are reported once, before any process starts
+    if cfg.task == "classification":
+        from lorakit.classify.run import train_classifier
+
+        train_classifier(cfg, _console(), nproc, resume)
+        return
     if nproc is not None:
         argv = ["train", str(config), *[a for s in set_ or [] for a in ("--set", s)], *(["--resume"] if resume else [])]
         code = distributed.launch(nproc, argv)
@@ -460,6 +465,11 @@ def _eval_options(data, metrics, max_new_tokens, batch_size, limit, perplexity, 
                        trust_remote_code)
 
 
+ClassifyConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="A task: classification config: the label set (data.train), prompt and columns for an untuned "
+    "model.")]
+
+
 @app.command("eval")
 def eval_cmd(
     model: ModelOpt = None,
@@ -478,9 +488,17 @@ def eval_cmd(
     refusal_pattern: RefusalPatternOpt = None,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    config: ClassifyConfigOpt = None,
 ) -> None:
-    """Generate answers (greedy, the training template) and score them; perplexity on answers and text."""
+    """Generate answers (greedy, the training template) and score them; perplexity on answers and text.
+    Classifiers (task: classification; or --config for an untuned model): accuracy, macro-F1, per-class P/R, ECE."""
+    from lorakit.classify.commands import is_classification, run_classification_eval
     from lorakit.eval.commands import run_eval_command
+
+    if is_classification(model, [adapter] if adapter else [], config):
+        run_classification_eval(model, [adapter] if adapter else [], list(data or []), config, out, batch_size, limit,
+                                dtype, _console())
+        return
 
     opts = _eval_options(data, metrics, max_new_tokens, batch_size, limit, perplexity, text, max_length, system,
                          refusal, refusal_pattern, dtype, trust_remote_code)
@@ -512,14 +530,41 @@ def compare(
     refusal_pattern: RefusalPatternOpt = None,
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    config: ClassifyConfigOpt = None,
 ) -> None:
     """The base model and each adapter on the same questions: metrics, wins and losses, forgetting."""
+    from lorakit.classify.commands import is_classification, run_classification_eval
     from lorakit.eval.commands import run_compare_command
+
+    if is_classification(model, list(adapter or []), config):
+        run_classification_eval(model, list(adapter or []), list(data or []), config, out, batch_size, limit, dtype,
+                                _console(), with_base=True)
+        return
 
     opts = _eval_options(data, metrics, max_new_tokens, batch_size, limit, perplexity, text, max_length, system,
                          refusal, refusal_pattern, dtype, trust_remote_code)
     run_compare_command(model, list(adapter or []), opts, [general] if general else [], out, retention_threshold,
                         perplexity_threshold, _console(), scale)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def disagree(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", help="Rows to label (JSONL/CSV/...; the text column).")],
+    out: Annotated[Path, typer.Option("--out", help="The review queue (JSONL), most disagreement first.")],
+    labels: Annotated[Optional[str], typer.Option("--labels", help="A gold label column: evaluate the queue "
+                                                  "(error-capture curve).")] = None,
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="An offline HTML page: curve and queue.")] = None,
+    config: ClassifyConfigOpt = None,
+    batch_size: BatchSizeOpt = 8,
+    limit: LimitOpt = None,
+    dtype: DtypeOpt = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace --out / --html when they exist.")] = False,
+) -> None:
+    """--model A [--adapter DIR] --model B [--adapter DIR] ...: rank rows by the models' disagreement for review."""
+    from lorakit.classify.queue import run_disagree
+
+    run_disagree(list(ctx.args), data, out, labels, html_out, config, batch_size, limit, dtype, _console(), force)
 
 
 @app.command()

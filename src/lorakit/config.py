@@ -173,6 +173,10 @@ class DataConfig:
     once per packed row and attended to by each example in it. Exact, and faster."""
     eval_ratio: float = 0.1
     test_ratio: float = 0.0
+    text_column: str = "text"
+    """task: classification: the column holding each row's text."""
+    label_column: str = "label"
+    """task: classification: the column holding each row's label (the label set is read from data.train)."""
 
     @property
     def train_files(self) -> list[str]:
@@ -501,6 +505,29 @@ class SweepConfig:
         if not self.metric.strip():
             return [("metric", "is empty; name a metric a trial reports, e.g. eval_loss")]
         return []
+class ClassificationConfig:
+    """task: classification (lorakit.classify): one label per row from a set read from the training data."""
+
+    method: Literal["lm_label", "head"] = "lm_label"
+    """lm_label: the causal LM answers with the label (scored by the label tokens' probabilities, trained as
+    SFT on the answer); head: AutoModelForSequenceClassification, LoRA on the body, the head trained in full."""
+    prompt: str | None = None
+    """lm_label: the user turn around the text, with {text} (and optionally {labels}, the label set joined by
+    ", "); default: the text, then "Answer with one of: {labels}.". head: unused (the text alone)."""
+    labels: list[str] | None = None
+    """The label set, in order; default: every label data.train holds, sorted. When given, a row with another
+    label is an error."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.prompt is not None and "{text}" not in self.prompt:
+            problems.append(("prompt", "has no {text} placeholder; put {text} where the row's text goes"))
+        if self.labels is not None:
+            if len(set(self.labels)) < 2 or len(set(self.labels)) != len(self.labels):
+                problems.append(("labels", f"must be at least two distinct labels, got {self.labels}"))
+            if any(not str(label).strip() for label in self.labels):
+                problems.append(("labels", "holds an empty label; every label needs text"))
+        return problems
 
 
 @dataclass
@@ -519,6 +546,9 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     output_dir: str = "runs/run"
     seed: int = 0
+    task: Literal["sft", "classification"] = "sft"
+    """sft: chat / text fine-tuning; classification: one label per row (see the classification section)."""
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -540,6 +570,17 @@ class Config:
         if self.adapter.method == "prompt_tuning" and self.train.kl_to_base.weight > 0:
             problems.append(("train.kl_to_base.weight", "must be 0 with adapter.method prompt_tuning: the KL anchor "
                              "compares with the base by switching LoRA layers off, and prompt tuning has none"))
+        if self.task == "classification":
+            problems += self._classification_problems()
+        return problems
+
+    def _classification_problems(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.data.train_files:
+            problems.append(("data.train", "is unset; task: classification reads its label set from the training data"))
+        if self.classification.method == "head" and self.adapter.method not in ("lora", "full"):
+            problems.append(("adapter.method", f"is {self.adapter.method}; classification.method head trains lora "
+                             "or full"))
         return problems
 
     def resolve(self) -> Config:

@@ -164,9 +164,11 @@ def _write_adapter(directory: Path, config: dict[str, Any], weights: dict[str, t
     return directory
 
 
-def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    """A LoRA (or DoRA) adapter's adapter_config.json, validated; other PEFT types are refused naming theirs."""
-    config = read_config_json(directory)
+def read_adapter_config(directory: str | Path, modules_to_save: bool = False) -> dict[str, Any]:
+    """A LoRA (or DoRA) or prompt-tuning adapter's adapter_config.json, validated; other PEFT types are refused
+    naming theirs. `modules_to_save` True lets a SEQ_CLS adapter's trained head through (lorakit.classify.head
+    loads it)."""
+    config = read_config_json(directory, modules_to_save)
     cfg_path = Path(directory) / ADAPTER_CONFIG
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type == PROMPT_TUNING:
@@ -186,8 +188,9 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def read_config_json(directory: str | Path) -> dict[str, Any]:
-    """adapter_config.json as a dict, any peft_type; modules_to_save refused (lorakit trains adapters only)."""
+def read_config_json(directory: str | Path, modules_to_save: bool = False) -> dict[str, Any]:
+    """adapter_config.json as a dict, any peft_type; modules_to_save refused (lorakit trains adapters only)
+    unless `modules_to_save` (a SEQ_CLS head)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise LorakitError(f"adapter directory not found: {directory}; check the path")
@@ -203,7 +206,7 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
         raise LorakitError(f"{cfg_path} is not valid JSON ({err}); the adapter is damaged") from None
     if not isinstance(config, dict):
         raise LorakitError(f"{cfg_path} holds {type(config).__name__}, not a JSON object; the adapter is damaged")
-    if config.get("modules_to_save"):
+    if config.get("modules_to_save") and not modules_to_save:
         raise LorakitError(
             f"{cfg_path}: modules_to_save {config['modules_to_save']} is not supported; "
             "train LoRA adapters only"
@@ -408,6 +411,13 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     weights = read_adapter_weights(directory)
     if is_prompt_tuning(config):
         return _load_prompt_tuning(model, directory, config, weights, trainable)
+    apply_adapter_weights(model, directory, config, weights, trainable)
+    return adapter_info(directory, config, weights)
+
+
+def apply_adapter_weights(model: nn.Module, directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                          trainable: bool = False) -> None:
+    """Inject (where needed) and fill the LoRA layers `weights` hold (PEFT keys; `directory` names them in errors)."""
     modules = adapted_modules(weights, directory)
     present = set(linear_layer_names(model))
     missing = [m for m in modules if m not in present]
@@ -451,7 +461,6 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
         for _, layer in lora_layers(model):
             for p in layer.adapter_parameters():
                 p.requires_grad_(False)
-    return adapter_info(directory, config, weights)
 
 
 def is_prompt_tuning(config: dict[str, Any]) -> bool:

@@ -179,3 +179,35 @@ def _xy(label: str, points: list[tuple[Any, Any]], dashed: bool = False) -> Seri
 def _plain(text: str) -> str:
     """Text matplotlib draws as is: a `$` would start mathtext."""
     return str(text).replace("$", r"\$")
+
+
+def _png_uri(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def confusion_plot(title: str, labels: list[str], confusion: list[list[int]]) -> str:
+    """A confusion matrix (rows gold, columns predicted) as a PNG data: URI, each cell's count written in it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = len(labels)
+    size = min(2.4 + 0.55 * k, 8.0)
+    fig = Figure(figsize=(size + 0.8, size), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(confusion, cmap="Blues")
+    top = max((max(row) for row in confusion), default=0)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(confusion[i][j]), ha="center", va="center", fontsize=9,
+                    color="white" if confusion[i][j] > top / 2 else "black")
+    names = [_plain(label) for label in labels]
+    ax.set_xticks(range(k), names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(_plain(title), fontsize=11)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return _png_uri(fig)

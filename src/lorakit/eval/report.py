@@ -40,6 +40,7 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)  # the "end" event, else eval.json
     compare: dict[str, Any] | None = None
     adapter: dict[str, Any] | None = None
+    classification: list[dict[str, Any]] = field(default_factory=list)  # classify_eval.json / compare.json results
     missing: list[str] = field(default_factory=list)
 
     def first(self, event: str) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def load_run(run_dir: Path) -> Run:
                            "`lorakit compare` (or `lorakit demo`) writes it")
     adapter_file = "selective.json" if _get(run.config, "adapter", "method") == "selective" else "adapter_config.json"
     run.adapter = _read_json(run_dir / "adapter" / adapter_file, run.missing)
-    if run.adapter is None and _get(run.config, "adapter", "method") != "full":
+    run.classification = classification_results(run_dir, run.compare, run.missing)
+    if run.adapter is None and _get(run.config, "adapter", "method") != "full" and not run.classification:
         run.missing.append(f"adapter/{adapter_file} is missing: the adapter was not saved (yet)")
     return run
 
@@ -186,6 +188,7 @@ def render(run: Run) -> str:
         _section("What is missing or skipped", "<ul>" + "".join(f"<li>{_e(m)}</li>" for m in run.missing) + "</ul>",
                  "missing") if run.missing else "",
         _section("Key numbers", _key_numbers(run)),
+        _classification(run.classification),
         _section("Before and after",
                  _before_after(cmp, labels) if run.compare else _none("no compare.json in this run directory")),
         _section("Curves", f'<div class="plots">{plots}</div>' if plots else _none("no curves: no logged steps")),
@@ -287,6 +290,45 @@ def _key_numbers(run: Run) -> str:
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(fmt(v))}</div></div>'
         for k, v in cards if v is not None) + "</div>"
+
+
+def classification_results(run_dir: Path, compare: dict[str, Any] | None, missing: list[str]) -> list[dict[str, Any]]:
+    """The classifier evaluations a run directory holds: classify_eval.json (training's test split), then
+    compare.json's classification results (`lorakit compare --config/--adapter ... --out`)."""
+    found = []
+    path = run_dir / "classify_eval.json"
+    data = _read_json(path, missing) if path.exists() else None
+    for source in (data, compare):
+        results = source.get("results") if isinstance(source, dict) else None
+        if isinstance(results, list):
+            found += [r for r in results if isinstance(r, dict) and isinstance(r.get("metrics"), dict)
+                      and isinstance(r["metrics"].get("confusion"), list)]
+    return found
+
+
+def _classification(results: list[dict[str, Any]]) -> str:
+    """Accuracy, macro-F1, ECE and per-class precision / recall per classifier, and each confusion matrix."""
+    from lorakit.eval.plots import confusion_plot
+
+    if not results:
+        return ""
+    labels = [str(x) for x in results[0]["metrics"].get("labels", [])]
+    rows, plots = [], []
+    for r in results:
+        m = r["metrics"]
+        per = m.get("per_class") or {}
+        rows.append([_e(r.get("name")), _e(r.get("data")), _e(fmt(m.get("n"))), _e(fmt(m.get("accuracy"))),
+                     _e(fmt(m.get("macro_f1"))), _e(fmt(m.get("ece"))),
+                     *[_e(f"{fmt(_get(per, lab, 'precision'), 3)} / {fmt(_get(per, lab, 'recall'), 3)}")
+                       for lab in labels]])
+        try:
+            uri = confusion_plot(f"{r.get('name')}", [str(x) for x in m.get("labels", [])], m["confusion"])
+            plots.append(f'<figure><img alt="confusion matrix of {_e(r.get("name"))}" src="{uri}"></figure>')
+        except (TypeError, ValueError, IndexError):
+            plots.append(_none(f"the confusion matrix of {r.get('name')} is damaged"))
+    table = _table(["model", "data", "rows", "accuracy", "macro-F1", "ECE (10 bins)",
+                    *[f"{lab}: precision / recall" for lab in labels]], rows)
+    return _section("Classification", table + f'<div class="plots">{"".join(plots)}</div>')
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
