@@ -505,6 +505,9 @@ class SweepConfig:
         if not self.metric.strip():
             return [("metric", "is empty; name a metric a trial reports, e.g. eval_loss")]
         return []
+
+
+@dataclass
 class ClassificationConfig:
     """task: classification (lorakit.classify): one label per row from a set read from the training data."""
 
