@@ -32,13 +32,15 @@ WORDS = (
 ).split()
 
 
-def make_data(path: Path, n: int, seed: int = 0) -> None:
-    """Conversational prompt/completion rows of varied length (20-120 words answers)."""
+def make_data(path: Path, n: int = 96, seed: int = 0) -> None:
+    """Conversational prompt/completion rows of 16-200 words (a question of 8-30 words, an answer of the rest)."""
     rng = random.Random(seed)
     with path.open("w") as fh:
         for i in range(n):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30)))
-            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
+            words = rng.randint(16, 200)
+            asked = rng.randint(8, min(30, words - 8))
+            q = " ".join(rng.choice(WORDS) for _ in range(asked - 2))  # "Question i:" are two words
+            a = " ".join(rng.choice(WORDS) for _ in range(words - asked))
             fh.write(json.dumps({"prompt": [{"role": "user", "content": f"Question {i}: {q}?"}],
                                  "completion": [{"role": "assistant", "content": a.capitalize() + "."}]}) + "\n")
 

@@ -33,6 +33,7 @@ from lorakit.errors import LorakitError
 from lorakit.io import atomic_write_text, remove_stale_temps
 from lorakit.losses import LossFn, full_loss_sum
 from lorakit.memory import peak_rss_mb, rss_mb
+from lorakit.models.attention import gqa_attention
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import TrainState, load_checkpoint, newest_usable_checkpoint, save_checkpoint
@@ -214,6 +215,7 @@ class Run:
     loss_fn: LossFn | None = None
     anchor: KLAnchor | None = None  # train.kl_to_base (also inside loss_fn)
     fused_mlps: list[Any] = field(default_factory=list)
+    attention_undo: Any = None  # switches the model back from the training attention (models.attention)
     frozen: Any = None  # the frozen_block_cache, when train.cache_frozen applies
     optimizer: torch.optim.Optimizer | None = None
     log: MetricsLog | None = None  # rank 0 only
@@ -367,6 +369,7 @@ def _wrap_model(run: Run) -> None:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.fused_mlps = fuse_lora_mlps(model) if run.cfg.adapter.method == "lora" and tc.fused_mlp else []
+    run.attention_undo = gqa_attention(model)
     if run.cfg.adapter.method == "dora" and tc.fused_mlp:
         run.console.print("fused SwiGLU MLP off: DoRA layers run unfused (train.fused_mlp applies to method lora)")
     if tc.compile:
@@ -513,6 +516,8 @@ def finish(run: Run, state: TrainState, stream: BatchStream, result: TrainResult
     if run.frozen is not None:
         result.frozen_replays = run.frozen.hits
         run.frozen.remove()  # the model is an ordinary model again
+    if run.attention_undo is not None:
+        run.attention_undo()
     stopper = run.stopper
     if run.cfg.eval.every and not (stopper is not None and stopper.stopped):  # a stopped run was just evaluated
         gen = _generation_eval(run, state.step)
