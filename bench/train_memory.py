@@ -20,8 +20,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from train_vs_peft import make_data, model_dir  # bench/ is on sys.path when run as a script
+from train_vs_peft import (  # bench/ is on sys.path when run as a script
+    make_data,
+    model_dir,
+)
 
 
 def _kind(path: str) -> str:
@@ -39,15 +41,14 @@ def account(model: torch.nn.Module, loss_fn, batch: dict) -> tuple[dict, int]:
     for name, module in model.named_modules():
         hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
         hooks.append(module.register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]))
-    seen: set[int] = set()
+    seen: set[int] = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights: the model's, counted apart
     table: dict[tuple, int] = collections.Counter()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, torch.nn.Parameter):  # weights are the model's, counted apart
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen and t.untyped_storage().nbytes() > 0:
-                seen.add(ptr)
-                table[(_kind(stack[-1]), str(t.dtype).replace("torch.", ""), tuple(t.shape))] += t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and t.untyped_storage().nbytes() > 0:
+            seen.add(ptr)
+            table[(_kind(stack[-1]), str(t.dtype).replace("torch.", ""), tuple(t.shape))] += t.untyped_storage().nbytes()
         return t
 
     try:
@@ -67,7 +68,7 @@ def main() -> None:
 
     from lorakit.config import load_config
     from lorakit.data.batching import to_device
-    from lorakit.memory import peak_rss_mb, rss_mb
+    from lorakit.memory import low_fragmentation, peak_rss_mb, rss_mb
     from lorakit.train.loop import setup
 
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
@@ -82,10 +83,12 @@ def main() -> None:
     print(f"after setup: RSS {rss_mb():.0f} MB, peak so far {peak_rss_mb():.0f} MB")
     batch = to_device(run.stream.next(), run.device)
     print(f"batch {tuple(batch['input_ids'].shape)}, precision {args.precision}, overrides {args.set}")
-    with run.amp():
-        table, loss = account(run.model, run.loss_fn, batch)
-    loss.backward()
-    run.model.zero_grad(set_to_none=True)
+    with low_fragmentation():  # as train() runs its steps
+        with run.amp():
+            table, loss = account(run.model, run.loss_fn, batch)
+        loss.backward()
+        run.model.zero_grad(set_to_none=True)
+        run_steps(run, batch)
     by_kind: dict[tuple, int] = collections.Counter()
     for (kind, dtype, _), n in table.items():
         by_kind[(kind, dtype)] += n
@@ -97,15 +100,20 @@ def main() -> None:
             print(f"| {kind} | {dtype} | {n / 2**20:.0f} | {100 * n / total:.0f}% |")
     print("\nlargest single shapes (per layer):")
     for (kind, dtype, shape), n in sorted(table.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  {kind:14s} {dtype:9s} {str(shape):22s} {n / 2**20:7.0f} MiB total")
+        print(f"  {kind:14s} {dtype:9s} {shape!s:22s} {n / 2**20:7.0f} MiB total")
+
+
+def run_steps(run, batch: dict) -> None:
+    """One more optimizer step on the batch; the process's peak RSS after it."""
+    from lorakit.memory import peak_rss_mb, rss_mb
+
     base = rss_mb()
-    for _ in range(2):
-        with run.amp():
-            loss, _ = run.loss_fn(run.model, batch)
-        loss.backward()
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    print(f"\nRSS before the steps {base:.0f} MB, peak after two steps {peak_rss_mb():.0f} MB "
+    with run.amp():
+        loss, _ = run.loss_fn(run.model, batch)
+    loss.backward()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    print(f"\nRSS before the step {base:.0f} MB, peak after it {peak_rss_mb():.0f} MB "
           f"(ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
 
 
