@@ -10,9 +10,11 @@ fp32, 4 x 512 tokens: 68 MB per layer before issue 23's changes)
 
 g and u are the largest part and the cheapest to get back: two of the MLP's three base matmuls,
 about a quarter of a layer's backward work. So a budget turns `recompute_mlps` on for as many
-layers as it takes, from the first, and no more: every layer recomputed costs time. Norms, rotary
-and the activation function keep nothing of their own here already (the fused MLP recomputes silu;
-the LoRA paths keep one copy of their input), so there is nothing cheaper left to drop.
+layers as it takes, from the first, and no more: every layer recomputed costs time. Rotary and the
+activation function keep nothing large already (the fused MLP recomputes silu; SDPA keeps the
+rotated q and k it needs anyway). The norms' outputs (the attention's LoRA input, the MLP's input)
+could be recomputed from the residual the norms keep, 2 x hidden values per token and layer less;
+that needs the norm fused into its consumers and is not done.
 
 The estimate: the process's RSS now (model, optimizer state, data) plus the kept activations of a
 full batch of max_length rows times TRANSIENT (what backward allocates on top: the gradients in
