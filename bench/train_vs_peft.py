@@ -89,6 +89,8 @@ def run_lorakit(args: argparse.Namespace) -> dict:
         f"train.batch_size={args.batch_size}", "train.lr=2e-4", f"train.precision={args.precision}",
         "train.log_every=1", "train.save_every=0", f"output_dir={out}/run", *args.lorakit_set,
     ]
+    if args.max_steps:
+        overrides.append(f"train.max_steps={args.max_steps}")
     if args.child == "lorakit-budget":
         overrides.append(f"train.memory_budget_gb={args.budget_gb}")
     start = time.perf_counter()
@@ -109,7 +111,7 @@ def run_peft(args: argparse.Namespace, packing: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     data = load_dataset("json", data_files=str(args.data), split="train")
     cfg = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="peft-bench-"), num_train_epochs=1, per_device_train_batch_size=args.batch_size,
+        output_dir=tempfile.mkdtemp(prefix="peft-bench-"), num_train_epochs=1, max_steps=args.max_steps or -1, per_device_train_batch_size=args.batch_size,
         learning_rate=2e-4, max_length=args.max_length, packing=packing, bf16=args.precision == "bf16",
         save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
     )
@@ -141,7 +143,7 @@ def run_child(config: str, precision: str, args: argparse.Namespace, mdir: str, 
     """One whole process: its wall time (start to exit) and peak RSS (os.wait4's rusage) with its RESULT line."""
     cmd = [sys.executable, __file__, "--child", config, "--model-dir", mdir, "--data", str(data), "--batch-size",
            str(args.batch_size), "--max-length", str(args.max_length), "--precision", precision, "--budget-gb",
-           str(args.budget_gb)]
+           str(args.budget_gb), "--max-steps", str(args.max_steps)]
     for s in args.lorakit_set:
         cmd += ["--lorakit-set", s]
     log = work / f"{config}-{precision}.log"
@@ -172,6 +174,8 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["lorakit", "trl-packing", "trl-no-packing"])
     p.add_argument("--budget-gb", type=float, default=2.0, help="train.memory_budget_gb of the lorakit-budget config")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop each run after N steps (a quick peak-RSS probe, not the protocol); 0 = one epoch")
     p.add_argument("--lorakit-set", action="append", default=[], help="extra lorakit config override (key=value)")
     p.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -212,7 +216,7 @@ def write_report(args: argparse.Namespace, runs: dict, loads: list[str], quiet: 
         f"CPU: {cpu_name()}, {os.cpu_count()} cores. Load average (1/5/15 min) before and after each run: "
         f"{'; '.join(loads)}.", "",
         f"{args.examples} prompt/completion rows, LoRA r=16 alpha=32 all-linear, dropout 0, batch {args.batch_size}, "
-        f"max length {args.max_length}, one epoch; lorakit overrides: {args.lorakit_set or 'none'}"
+        f"max length {args.max_length}, {f'first {args.max_steps} steps only (a probe, not the protocol)' if args.max_steps else 'one epoch'}; lorakit overrides: {args.lorakit_set or 'none'}"
         f"{f', lorakit-budget: train.memory_budget_gb={args.budget_gb:g}' if 'lorakit-budget' in args.configs else ''}. "
         f"Median of {args.repeats} alternating run(s); wall time and peak RSS of the whole process.", "",
         "| precision | configuration | steps | processed tokens | trained tokens | wall (s) | peak RSS (MB) | final loss |",
@@ -233,7 +237,8 @@ def write_report(args: argparse.Namespace, runs: dict, loads: list[str], quiet: 
                                  f"{med((peer, precision), 'wall_s') / med(lk, 'wall_s'):.2f}x faster, "
                                  f"{med(lk, 'peak_rss_mb') / med((peer, precision), 'peak_rss_mb'):.2f}x the peak RSS")
     lines.append("")
-    out = here.parent / "results" / f"train_vs_peft-{Path(args.model).name}.md"
+    probe = f"-steps{args.max_steps}" if args.max_steps else ""
+    out = here.parent / "results" / f"train_vs_peft-{Path(args.model).name}{probe}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines))
     if not quiet:
