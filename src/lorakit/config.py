@@ -262,6 +262,9 @@ class TrainConfig:
     compile: bool = False
     fused_mlp: bool = True
     """LoRA: run Llama-style SwiGLU MLPs as one autograd Function that keeps less for backward (same results)."""
+    memory_budget_gb: float = 0.0
+    """Peak memory to stay under: as many fused MLPs as needed redo two matmuls in backward instead of keeping
+    their outputs (same results, slower); 0 = off, keep everything."""
     cache_frozen: bool = True
     """Adapters on the upper blocks only: keep the output of the frozen blocks below from the first epoch and
     replay it after, instead of recomputing it (same results; single process)."""
@@ -286,7 +289,8 @@ class TrainConfig:
         problems += [(k, f"must be >= 1, got {v}") for k, v in positive.items() if v < 1]
         non_negative = {"max_steps": self.max_steps, "eval_every": self.eval_every, "save_every": self.save_every,
                         "warmup_steps": self.warmup_steps, "eval_max_batches": self.eval_max_batches,
-                        "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm}
+                        "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
+                        "memory_budget_gb": self.memory_budget_gb}
         problems += [(k, f"must be >= 0, got {v}") for k, v in non_negative.items() if v < 0]
         if self.lr <= 0:
             problems.append(("lr", f"must be > 0, got {self.lr}"))

@@ -220,3 +220,39 @@ def test_dora_layers_are_not_fused() -> None:
     model = tiny_model("llama")
     inject_lora(model, ["all-linear"], r=4, alpha=8, use_dora=True)
     assert fuse_lora_mlps(model) == []
+
+
+@pytest.mark.parametrize(("p", "autocast"), [(0.0, False), (0.1, False), (0.1, True)])
+def test_recompute_gives_the_same_bits_and_keeps_less(p: float, autocast: bool) -> None:
+    """recompute_mlps: gate and up are redone in backward from x and the kept x A^T; the gradients are the same bits."""
+    from lorakit.adapters.fused_mlp import recompute_mlps
+    from lorakit.train.support import cpu_bf16_supported
+
+    if autocast and not cpu_bf16_supported():
+        pytest.skip("no bf16 on this CPU")
+
+    model = adapted_model(["all-linear"], dropout=p)
+    fuse_lora_mlps(model)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    params = {t.untyped_storage().data_ptr() for t in model.parameters()}
+
+    def run_saving() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
+                "cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, grads = outputs_and_grads(model, lambda: model(input_ids=x).logits)
+        return out, grads, sum(saved.values())
+
+    want, want_grads, kept = run_saving()
+    assert recompute_mlps(model, 1) == 1  # the first layer's MLP
+    got, got_grads, kept_less = run_saving()
+    assert torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.equal(a, b)
+    assert kept - kept_less == 2 * x.numel() * INTER * (2 if autocast else 4), (kept, kept_less)

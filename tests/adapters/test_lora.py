@@ -218,3 +218,47 @@ def test_scale_equals_b_times_scale_and_rescales(merged: bool, input_ids: torch.
     assert layer.scaling == 2.0 and "(scale" not in layer.extra_repr()
     with pytest.raises(LorakitError, match="finite"):
         layer.set_scale(float("nan"))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_autocast_keeps_one_compute_dtype_copy_of_a_shared_input(p: float) -> None:
+    """q, k and v under bf16 autocast keep one bf16 copy of their common input for backward, not the fp32 input
+    (nor a copy each), and give the gradients of plain autograd through the same bf16 ops (PEFT's formulation)."""
+    from lorakit.train.support import cpu_bf16_supported
+
+    if not cpu_bf16_supported():
+        pytest.skip("no bf16 on this CPU")
+    layers = [LoRALinear(nn.Linear(64, n), r=4, alpha=8, dropout=p) for n in (48, 32, 32)]  # q, k, v
+    for i, layer in enumerate(layers):
+        layer.base_layer.requires_grad_(False)
+        nn.init.normal_(layer.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(i))
+    x = torch.randn(3, 10, 64, requires_grad=True)
+    storages: dict[int, tuple[torch.dtype, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.shape == x.shape and t.dtype != torch.bool:  # (dropout masks are 1-byte, one per layer)
+            storages[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = sum(layer(x).float().square().sum() for layer in layers)
+    out.backward()
+    assert list(storages.values()) == [(torch.bfloat16, x.numel() * 2)]
+    got = [t.grad.clone() for layer in layers for t in (layer.lora_A.weight, layer.lora_B.weight)] + [x.grad.clone()]
+
+    x.grad = None
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = 0
+        for layer in layers:
+            layer.zero_grad()
+            y = layer.base_layer(x)
+            keep = torch.rand(x.shape) < 1 - p if p > 0 else None  # the mask LoRALinear draws after the base matmul
+            h = x.to(torch.bfloat16) * keep / (1 - p) if keep is not None else x.to(torch.bfloat16)
+            delta = (h @ layer.lora_A.weight.to(torch.bfloat16).T @ layer.lora_B.weight.to(torch.bfloat16).T) * 2.0
+            total = total + (y + delta.to(y.dtype)).float().square().sum()
+    total.backward()
+    want = [t.grad for layer in layers for t in (layer.lora_A.weight, layer.lora_B.weight)] + [x.grad]
+    for g, w in zip(got, want):
+        assert float((g - w).norm()) <= 1e-2 * float(w.norm())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -214,3 +215,37 @@ def test_frozen_blocks_are_not_replayed_where_it_would_change_the_result() -> No
         p.requires_grad_(False)
     inject_lora(everywhere, ["all-linear"], r=4, alpha=8)
     assert frozen_block_cache(everywhere) is None
+
+
+def test_memory_levers_give_the_same_losses(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23's levers (grouped-K/V attention with one mask, MLPs recomputed under a memory budget, the allocator
+    setting) against the loop without them: the same fp32 losses, dropout on."""
+    from lorakit.adapters import fused_mlp
+    from lorakit.train import loop
+
+    recomputed: list[int] = []
+    counting = fused_mlp.recompute_mlps
+    monkeypatch.setattr(loop, "recompute_mlps", lambda model, n: recomputed.append(counting(model, n)) or recomputed[-1])
+    after = run(workspace, "levers", "adapter.dropout=0.1", "train.memory_budget_gb=0.001")
+    assert recomputed == [2]  # both layers: no budget this small is met
+    monkeypatch.setattr(loop, "gqa_attention", lambda model: None)
+    monkeypatch.setattr(loop, "low_fragmentation", contextlib.nullcontext)
+    before = run(workspace, "no-levers", "adapter.dropout=0.1")
+    assert after.losses == pytest.approx(before.losses, rel=1e-5, abs=1e-5)
+    assert after.eval_loss == pytest.approx(before.eval_loss, rel=1e-5)
+
+
+def test_memory_plan_recomputes_only_what_the_budget_needs() -> None:
+    from lorakit.train.memory_plan import kept_bytes_per_token, plan
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")  # 2 layers, hidden 64, intermediate 128, 4 heads, 2 K/V heads
+    per_layer, gate_up = kept_bytes_per_token(model.config, 4)
+    assert gate_up == 2 * 128 * 4
+    assert per_layer == 2 * 64 * 4 + (64 + 2 * 64 + 2 * 32) * 4 + 64 * 4 + gate_up
+    tokens = 2**20  # 1 MiB per byte per token
+    roomy = plan(model, 2, tokens, 4, 1000.0, 100.0)
+    assert roomy.recompute_layers == 0 and roomy.estimate_mb == roomy.keep_all_mb
+    one = plan(model, 2, tokens, 4, 1000.0, (roomy.keep_all_mb - 1) / 1024)
+    assert one.recompute_layers == 1 and one.estimate_mb < one.keep_all_mb
+    assert plan(model, 2, tokens, 4, 1000.0, 0.5).recompute_layers == 2

@@ -30,6 +30,7 @@ from torch import nn
 from lorakit.adapters.lora import LoRALinear, LoRASpec, lora_delta_backward, lora_delta_forward
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+RECOMPUTE = "lorakit_recompute"  # attribute of a fused MLP: True = keep x only, redo gate and up in backward
 Part = tuple[nn.Linear, LoRALinear | None]  # (frozen base linear, its LoRA wrapper if adapted)
 
 
@@ -86,6 +87,15 @@ def _project_backward(
     return dx, dx_lora, grad_a, grad_b
 
 
+def _reproject(x: torch.Tensor, weights: tuple, xa: torch.Tensor | None, spec: LoRASpec | None) -> torch.Tensor:
+    """`_project`'s y again from its input and its kept x A^T (no new dropout draw): the same ops on the same values."""
+    w, bias, _, lora_b = weights
+    y = F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))  # (..., out)
+    if xa is None or spec is None:
+        return y
+    return y.add_((xa @ lora_b.to(spec.compute_dtype).T).mul_(spec.scaling).to(y.dtype))
+
+
 class _SwiGLULoRA(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)) saving x, g, u, the masks and the rank-r products (see the module docstring).
 
@@ -94,14 +104,15 @@ class _SwiGLULoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base_dtype, specs, *weights):  # type: ignore[override]
+    def forward(ctx, x, base_dtype, specs, recompute, *weights):  # type: ignore[override]
         # x (..., hidden); g, u (..., inter); y (..., hidden)
         gate, up, down = weights[0:4], weights[4:8], weights[8:12]
         xb = x.to(base_dtype)
         g, g_mask, g_xa = _project(xb, *gate, specs[0])
         u, u_mask, u_xa = _project(xb, *up, specs[1])
         y, d_mask, d_xa = _project(F.silu(g) * u, *down, specs[2])
-        ctx.save_for_backward(xb, g, u, g_mask, g_xa, u_mask, u_xa, d_mask, d_xa, *weights)
+        kept = (None, None) if recompute else (g, u)  # recompute: backward redoes the two base matmuls instead
+        ctx.save_for_backward(xb, *kept, g_mask, g_xa, u_mask, u_xa, d_mask, d_xa, *weights)
         ctx.x_dtype, ctx.specs = x.dtype, specs
         return y
 
@@ -109,7 +120,9 @@ class _SwiGLULoRA(torch.autograd.Function):
     def backward(ctx, dy):  # type: ignore[override]
         xb, g, u, g_mask, g_xa, u_mask, u_xa, d_mask, d_xa, *weights = ctx.saved_tensors
         (gw, _, ga, gb), (uw, _, ua, ub), (dw, _, da, db) = weights[0:4], weights[4:8], weights[8:12]
-        need = ctx.needs_input_grad[3:]  # per weight, in the order of `weights`
+        if g is None:  # recomputed from x and the kept rank-r products: the forward's bits again
+            g, u = _reproject(xb, weights[0:4], g_xa, ctx.specs[0]), _reproject(xb, weights[4:8], u_xa, ctx.specs[1])
+        need = ctx.needs_input_grad[4:]  # per weight, in the order of `weights`
         need_x = ctx.needs_input_grad[0]
         specs = ctx.specs
         s = F.silu(g)  # recomputed, (..., inter)
@@ -130,7 +143,7 @@ class _SwiGLULoRA(torch.autograd.Function):
         if need_x:  # summed in x's dtype, as autograd sums the branches of the unfused path
             parts = [t.to(ctx.x_dtype) for t in (dxg, dxu, dxg_lora, dxu_lora) if t is not None]
             dx = sum(parts[1:], parts[0])
-        return (dx, None, None,  # x, base dtype, specs
+        return (dx, None, None, None,  # x, base dtype, specs, recompute
                 None, None, grad_ga, grad_gb, None, None, grad_ua, grad_ub, None, None, grad_da, grad_db)
 
 
@@ -150,7 +163,7 @@ def _use_fused(parts: list[Part], x: torch.Tensor) -> bool:
     return True
 
 
-def _swiglu(parts: list[Part], x: torch.Tensor) -> torch.Tensor:
+def _swiglu(parts: list[Part], x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
     device = x.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     weights: list[torch.Tensor | None] = []
@@ -158,7 +171,7 @@ def _swiglu(parts: list[Part], x: torch.Tensor) -> torch.Tensor:
         weights += [base.weight, base.bias]
         weights += [lora.lora_A.weight, lora.lora_B.weight] if lora is not None else [None, None]
     specs = tuple(None if lora is None else lora.spec(device) for _, lora in parts)
-    return _SwiGLULoRA.apply(x, autocast or x.dtype, specs, *weights)
+    return _SwiGLULoRA.apply(x, autocast or x.dtype, specs, recompute, *weights)
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +179,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     parts = _parts(self)
     if parts is None or not _use_fused(parts, x):
         return type(self).forward(self, x)
-    return _swiglu(parts, x)
+    return _swiglu(parts, x, getattr(self, RECOMPUTE, False))
 
 
 @torch.no_grad()
@@ -209,6 +222,19 @@ def fuse_lora_mlps(model: nn.Module) -> list[str]:
             module.forward = types.MethodType(_fused_forward, module)
             fused.append(name)
     return fused
+
+
+def recompute_mlps(model: nn.Module, count: int) -> int:
+    """The first `count` fused MLPs keep only their input for backward and redo gate and up there; returns how many.
+
+    Saves 2 x intermediate_size values per token and layer for two of the MLP's three base matmuls again
+    in backward (selective activation checkpointing; train.memory_budget_gb chooses `count`).
+    """
+    fused = [m for m in model.modules() if isinstance(vars(m).get("forward"), types.MethodType)
+             and vars(m)["forward"].__func__ is _fused_forward]
+    for i, module in enumerate(fused):
+        setattr(module, RECOMPUTE, i < count)
+    return min(count, len(fused))
 
 
 def unfuse_lora_mlps(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ to rounding:  y = base(x) + (m/n - 1) * (W x) + (m/n) * (B A x) * s,  with n the
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -124,22 +125,55 @@ def lora_delta_backward(
     return grad_x, grad_a, grad_b
 
 
+class _CastCache:
+    """The compute-dtype copy of the last input cast, while the input and the copy are alive (weak references only).
+
+    Under autocast, q, k and v (and gate and up outside the fused MLP) are called on one input in a
+    row; each LoRA path keeps the copy for backward, so they share one instead of one each.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[weakref.ref, int, torch.dtype] | None = None
+        self._value: weakref.ref | None = None
+
+    def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x
+        key = self._key
+        if key is not None and key[0]() is x and key[1] == x._version and key[2] == dtype:
+            cached = self._value() if self._value is not None else None
+            if cached is not None:
+                return cached
+        out = x.detach().to(dtype)
+        self._key, self._value = (weakref.ref(x), x._version, dtype), weakref.ref(out)
+        return out
+
+
+_CASTS = _CastCache()
+
+
 class _LoRAPath(torch.autograd.Function):
-    """The training-time LoRA branch: lora_delta_forward, saving x, the mask and u (not dropout(x))."""
+    """The training-time LoRA branch: lora_delta_forward, saving x in the compute dtype, the mask and u.
+
+    x is kept as the compute-dtype copy (bf16 under bf16 autocast: half the bytes of the fp32
+    activation), one copy shared by the paths that read the same input (`_CastCache`). Backward
+    reads x only in that dtype, so the gradients are the same bits.
+    """
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, spec):  # type: ignore[override]
-        delta, mask, u = lora_delta_forward(x, lora_a, lora_b, spec)
-        ctx.save_for_backward(x, mask, u, lora_a, lora_b)
-        ctx.spec = spec
+        xc = _CASTS.cast(x, spec.compute_dtype)  # (..., in)
+        delta, mask, u = lora_delta_forward(xc, lora_a, lora_b, spec)
+        ctx.save_for_backward(xc, mask, u, lora_a, lora_b)
+        ctx.spec, ctx.x_dtype = spec, x.dtype
         return delta
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, mask, u, lora_a, lora_b = ctx.saved_tensors
+        xc, mask, u, lora_a, lora_b = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_a, grad_b = lora_delta_backward(grad, x, mask, u, lora_a, lora_b, ctx.spec, need_x, need_a, need_b)
-        return None if grad_x is None else grad_x.to(x.dtype), grad_a, grad_b, None
+        grad_x, grad_a, grad_b = lora_delta_backward(grad, xc, mask, u, lora_a, lora_b, ctx.spec, need_x, need_a, need_b)
+        return None if grad_x is None else grad_x.to(ctx.x_dtype), grad_a, grad_b, None
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:

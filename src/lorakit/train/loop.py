@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lorakit import __version__
-from lorakit.adapters.fused_mlp import fuse_lora_mlps
+from lorakit.adapters.fused_mlp import fuse_lora_mlps, recompute_mlps
 from lorakit.adapters.inject import parameter_summary
 from lorakit.adapters.methods import has_adapter, save_trained
 from lorakit.adapters.setup import prepare_model
@@ -32,7 +32,8 @@ from lorakit.data.batching import to_device
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write_text, remove_stale_temps
 from lorakit.losses import LossFn, full_loss_sum
-from lorakit.memory import peak_rss_mb, rss_mb
+from lorakit.memory import low_fragmentation, peak_rss_mb, rss_mb
+from lorakit.models.attention import gqa_attention
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import TrainState, load_checkpoint, newest_usable_checkpoint, save_checkpoint
@@ -40,6 +41,7 @@ from lorakit.train.early_stop import EarlyStop, check_rows
 from lorakit.train.frozen_cache import frozen_block_cache
 from lorakit.train.kl_anchor import KLAnchor
 from lorakit.train.log import MetricsLog, progress_bar
+from lorakit.train.memory_plan import plan
 from lorakit.train.loss import IGNORE, check_fast_loss, fast_loss_sum
 from lorakit.train.optim import build_optimizer, lr_at, set_lr
 from lorakit.train.support import (additive_mask, autocast_dtype, model_dtype, packing_works, prefix_mask_form,
@@ -214,6 +216,7 @@ class Run:
     loss_fn: LossFn | None = None
     anchor: KLAnchor | None = None  # train.kl_to_base (also inside loss_fn)
     fused_mlps: list[Any] = field(default_factory=list)
+    attention_undo: Any = None  # switches the model back from the training attention (models.attention)
     frozen: Any = None  # the frozen_block_cache, when train.cache_frozen applies
     optimizer: torch.optim.Optimizer | None = None
     log: MetricsLog | None = None  # rank 0 only
@@ -242,8 +245,9 @@ def train(cfg: Config, resume: bool = False, console: Any = None, quiet: bool = 
     open_log(run, state, resume)
     result = TrainResult(run_dir=run.run_dir, steps=run.total_steps)
     run.clock = time.perf_counter() - state.elapsed
-    step_loop(run, state, stream, result, quiet)
-    finish(run, state, stream, result)
+    with low_fragmentation():  # activations freed in backward go back to the OS, not into heap holes (memory.py)
+        step_loop(run, state, stream, result, quiet)
+        finish(run, state, stream, result)
     return result
 
 
@@ -375,6 +379,9 @@ def _wrap_model(run: Run) -> None:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.fused_mlps = fuse_lora_mlps(model) if run.cfg.adapter.method == "lora" and tc.fused_mlp else []
+    run.attention_undo = gqa_attention(model)
+    if tc.memory_budget_gb and run.fused_mlps and not tc.gradient_checkpointing:
+        _plan_memory(run)
     if run.cfg.adapter.method in ("dora", "ia3") and tc.fused_mlp:
         kind = {"dora": "DoRA", "ia3": "IA3"}[run.cfg.adapter.method]
         run.console.print(f"fused SwiGLU MLP off: {kind} layers run unfused (train.fused_mlp applies to method lora)")
@@ -387,6 +394,22 @@ def _wrap_model(run: Run) -> None:
         run.loss_fn = run.frozen.wrap(run.loss_fn)
         run.console.print(f"blocks 0-{run.frozen.k - 1} have no adapter: their output is kept from the first epoch "
                           "and replayed after")
+
+
+def _plan_memory(run: Run) -> None:
+    """train.memory_budget_gb: recompute as many fused MLPs' gate and up as the estimate needs (memory_plan.py)."""
+    tc = run.cfg.train
+    compute_bytes = 2 if run.amp_dtype is not None else model_dtype(run.model).itemsize
+    tokens = tc.batch_size * run.cfg.data.max_length
+    p = plan(run.model, len(run.fused_mlps), tokens, compute_bytes, rss_mb() or 0.0, tc.memory_budget_gb)
+    recompute_mlps(run.model, p.recompute_layers)
+    run.console.print(f"memory budget {tc.memory_budget_gb:g} GB: estimated peak {p.keep_all_mb / 1024:.1f} GB keeping "
+                      f"every activation; {p.recompute_layers} of {len(run.fused_mlps)} MLPs recompute gate and up "
+                      f"in backward (estimate {p.estimate_mb / 1024:.1f} GB)")
+    if p.estimate_mb > tc.memory_budget_gb * 1024:
+        run.console.print("warning: the estimate stays over train.memory_budget_gb with every MLP recomputed; "
+                          "set train.gradient_checkpointing: true or lower train.batch_size / data.max_length",
+                          markup=False, highlight=False)
 
 
 def resume_state(run: Run, resume: bool) -> tuple[TrainState, BatchStream]:
@@ -522,6 +545,8 @@ def finish(run: Run, state: TrainState, stream: BatchStream, result: TrainResult
     if run.frozen is not None:
         result.frozen_replays = run.frozen.hits
         run.frozen.remove()  # the model is an ordinary model again
+    if run.attention_undo is not None:
+        run.attention_undo()
     stopper = run.stopper
     if run.cfg.eval.every and not (stopper is not None and stopper.stopped):  # a stopped run was just evaluated
         gen = _generation_eval(run, state.step)
