@@ -101,7 +101,7 @@ def modelfile_text(gguf_name: str, tokenizer: Any, template: str = "auto", syste
     turns = measure_turns(template, tokenizer)
     system = system_prompt if system_prompt is not None else turns.default_system
     stops = list(dict.fromkeys(s for s in (end_of_turn(template, tokenizer), getattr(tokenizer, "eos_token", None)) if s))
-    lines = [f"# written by lorakit: `ollama create NAME -f {{this file}}` in this directory",
+    lines = ["# written by lorakit: `ollama create NAME -f {this file}` in this directory",
              f"FROM ./{gguf_name}", f"TEMPLATE {_quoted(go_template(turns))}"]
     if system:
         lines.append(f"SYSTEM {_quoted(system)}")
