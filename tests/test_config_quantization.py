@@ -34,7 +34,7 @@ def test_quantization_config_errors_are_all_reported():
 
 
 def test_full_fine_tuning_refuses_a_quantized_base():
-    with pytest.raises(ConfigError, match="adapter.method full trains every weight"):
+    with pytest.raises(ConfigError, match="adapter.method full trains base weights and a quantized base cannot be trained"):
         load_config(None, ["adapter.method=full", "quantization.method=nf4"])
 
 
