@@ -11,20 +11,17 @@ unambiguous) and checked against feedforward_modules when the config names them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.adapters.ia3 import IA3_KEY, IA3Linear, ia3_layers
 from lorakit.adapters.inject import freeze_base, linear_layer_names, wrap_layer
 from lorakit.adapters.state import (
     ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     LORAKIT_META,
     PEFT_PREFIX,
     AdapterInfo,
@@ -33,11 +30,9 @@ from lorakit.adapters.state import (
     read_adapter_meta,
     read_adapter_weights,
     read_config_json,
-    require_finite,
-    write_adapter_meta,
+    write_adapter_files,
 )
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_dir, atomic_write_text
 
 
 def save_ia3(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None,
@@ -59,13 +54,7 @@ def save_ia3(model: nn.Module, directory: str | Path, base_model_name_or_path: s
     if meta and not isinstance(meta, AdapterMeta):
         meta = AdapterMeta.from_dict(dict(meta), directory / LORAKIT_META)
     weights = {f"{PEFT_PREFIX}{n}.{IA3_KEY}": layer.ia3_l.detach().cpu().contiguous() for n, layer in layers}
-    require_finite(weights, f"not writing adapter {directory}")
-    with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
-        if meta:
-            write_adapter_meta(tmp, meta)
-    return directory
+    return write_adapter_files(directory, config, weights, meta, overwrite)
 
 
 def read_ia3_config(directory: str | Path) -> dict[str, Any]:

@@ -117,7 +117,7 @@ def save_adapter(
         meta = AdapterMeta.from_dict(dict(meta), directory / LORAKIT_META)
     if prompt_embedding(model) is not None:
         prompt = prompt_embedding(model).prompt_embeddings.detach().cpu().contiguous()
-        return _write_adapter(directory, peft_prompt_config(model, base_model_name_or_path), {PROMPT_KEY: prompt},
+        return write_adapter_files(directory, peft_prompt_config(model, base_model_name_or_path), {PROMPT_KEY: prompt},
                               meta, overwrite)
     layers = list(lora_layers(model))
     if not layers:
@@ -149,11 +149,11 @@ def save_adapter(
     if len(ranks) > 1 or len(alphas) > 1:  # per-layer ranks: PEFT's patterns, by exact path
         config["rank_pattern"] = {re.escape(n): layer.r for n, layer in layers if layer.r != first.r}
         config["alpha_pattern"] = {re.escape(n): layer.alpha for n, layer in layers if layer.alpha != first.alpha}
-    return _write_adapter(directory, config, adapter_state_dict(model), meta, overwrite)
+    return write_adapter_files(directory, config, adapter_state_dict(model), meta, overwrite)
 
 
-def _write_adapter(directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
-                   meta: AdapterMeta | None, overwrite: bool) -> Path:
+def write_adapter_files(directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
+                        meta: AdapterMeta | None, overwrite: bool) -> Path:
     """adapter_model.safetensors + adapter_config.json (+ lorakit.json), atomically; nothing NaN is written."""
     require_finite(weights, f"not writing adapter {directory}")
     with atomic_dir(directory, overwrite=overwrite) as tmp:
