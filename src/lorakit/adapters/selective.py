@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_dir, atomic_write_text
 
 SELECTIVE_WEIGHTS = "selective.safetensors"
 SELECTIVE_MANIFEST = "selective.json"
@@ -89,7 +88,7 @@ def selective_spec(model: nn.Module) -> SelectiveSpec | None:
 def save_selective(model: nn.Module, directory: str | Path, base_model: str | None, meta: Any = None,
                    overwrite: bool = True) -> Path:
     """Write the trained tensors and the manifest to `directory`, atomically (meta: AdapterMeta or a mapping)."""
-    from lorakit.adapters.state import AdapterMeta, require_finite, write_adapter_meta
+    from lorakit.adapters.state import AdapterMeta, write_adapter_files
 
     spec = selective_spec(model)
     if spec is None:
@@ -97,7 +96,6 @@ def save_selective(model: nn.Module, directory: str | Path, base_model: str | No
     directory = Path(directory)
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().cpu().contiguous() for n in spec.names}
-    require_finite(tensors, f"not writing {directory}")
     meta = meta if meta is None or isinstance(meta, AdapterMeta) else AdapterMeta.from_dict(dict(meta), directory)
     manifest = {
         "format": FORMAT, "version": 1, "base_model": base_model,
@@ -105,12 +103,7 @@ def save_selective(model: nn.Module, directory: str | Path, base_model: str | No
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                         "base_dtype": spec.base_dtype[n], "base_sha256": spec.base_sha256[n]} for n, t in tensors.items()},
     }
-    with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / SELECTIVE_WEIGHTS), metadata={"format": "pt"})
-        atomic_write_text(tmp / SELECTIVE_MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        if meta:
-            write_adapter_meta(tmp, meta)
-    return directory
+    return write_adapter_files(directory, manifest, tensors, meta, overwrite, SELECTIVE_WEIGHTS, SELECTIVE_MANIFEST)
 
 
 def is_selective_dir(directory: str | Path) -> bool:

@@ -153,12 +153,14 @@ def save_adapter(
 
 
 def write_adapter_files(directory: Path, config: dict[str, Any], weights: dict[str, torch.Tensor],
-                        meta: AdapterMeta | None, overwrite: bool) -> Path:
-    """adapter_model.safetensors + adapter_config.json (+ lorakit.json), atomically; nothing NaN is written."""
+                        meta: AdapterMeta | None, overwrite: bool, weights_file: str = ADAPTER_WEIGHTS,
+                        config_file: str = ADAPTER_CONFIG) -> Path:
+    """The weights (safetensors) + the config JSON (+ lorakit.json), atomically; nothing NaN is written.
+    PEFT's adapter_model.safetensors + adapter_config.json by default (selective: its own two names)."""
     require_finite(weights, f"not writing adapter {directory}")
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+        save_file(weights, str(tmp / weights_file), metadata={"format": "pt"})
+        atomic_write_text(tmp / config_file, json.dumps(config, indent=2) + "\n")
         if meta:
             write_adapter_meta(tmp, meta)
     return directory
