@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lorakit.adapters.inject import adapters_disabled
 from lorakit.errors import LorakitError
-from lorakit.train.loss import CHUNK, IGNORE, body_hidden, decoder_and_head, head_ce_sum, trained_rows
+from lorakit.train.loss import IGNORE, chunk_rows, body_hidden, decoder_and_head, head_ce_sum, trained_rows
 
 
 def anchor_positions(batch: dict[str, torch.Tensor], on: str | list[str]) -> torch.Tensor:
@@ -105,8 +105,9 @@ class KLAnchor:
             base = body_hidden(body, batch)[:, :-1][pos]  # (N, H) the base model at the anchor positions
         tuned = hidden[:, :-1][pos]  # (N, H)
         kl = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, tuned.shape[0], CHUNK):
-            kl = kl + checkpoint(_kl_sum, head, tuned[start : start + CHUNK], base[start : start + CHUNK],
+        step = chunk_rows(head)
+        for start in range(0, tuned.shape[0], step):
+            kl = kl + checkpoint(_kl_sum, head, tuned[start : start + step], base[start : start + step],
                                  use_reentrant=False)
         self.kl_sum += float(kl.detach())
         return loss + self.scale * kl, n

@@ -22,7 +22,19 @@ from torch.utils.checkpoint import checkpoint
 from lorakit.data.tokenize import IGNORE
 from lorakit.losses import full_loss_sum
 
-CHUNK = 1024  # rows of hidden states per head application
+CHUNK = 1024  # at most this many rows of hidden states per head application
+LOGIT_ELEMENTS = 1 << 23  # ... and at most about this many logits per chunk (32 MiB in fp32)
+
+
+def chunk_rows(head: nn.Module) -> int:
+    """Rows per head application: the chunk's logits, their log-softmax and its gradient exist at once in
+    backward, at the start of backward when every activation is still kept, so the chunk adds to the
+    peak: 1024 rows of SmolLM2's 49,152 logits were 3 x 200 MB; 160 rows are 3 x 31 MB, and a
+    (160, 576) x (576, 49152) matmul is still large enough to run at full speed."""
+    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", (0,))[0]
+    if not vocab:
+        return CHUNK
+    return max(16, min(CHUNK, (LOGIT_ELEMENTS // vocab) // 16 * 16))
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -65,8 +77,9 @@ def trained_rows(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[
 def head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over rows of `hidden` (N, H), the head applied CHUNK rows at a time."""
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, int(targets.numel()), CHUNK):
-        h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
+    rows = chunk_rows(head)
+    for start in range(0, int(targets.numel()), rows):
+        h, t = hidden[start : start + rows], targets[start : start + rows]
         if torch.is_grad_enabled():
             total = total + checkpoint(_head_ce_sum, head, h, t, use_reentrant=False)
         else:
