@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import resource
 import tempfile
 from pathlib import Path
 
 import torch
+from lorakit.train import norm_recompute
 from train_vs_peft import (  # bench/ is on sys.path when run as a script
     make_data,
     model_dir,
@@ -44,16 +46,21 @@ def account(model: torch.nn.Module, loss_fn, batch: dict) -> tuple[dict, int]:
     seen: set[int] = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights: the model's, counted apart
     table: dict[tuple, int] = collections.Counter()
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor):
+        t = norm_recompute.pack_active(t)  # train.recompute_norms: a norm output is kept as a recipe, not counted
+        if not isinstance(t, torch.Tensor):
+            return t
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen and t.untyped_storage().nbytes() > 0:
             seen.add(ptr)
             table[(_kind(stack[-1]), str(t.dtype).replace("torch.", ""), tuple(t.shape))] += t.untyped_storage().nbytes()
         return t
 
+    inner = getattr(loss_fn, "__wrapped__", None)  # the loss under norm_recompute.recomputing(): nest inside it
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = loss_fn(model, batch)
+        with norm_recompute.recomputing() if inner else contextlib.nullcontext():
+            with torch.autograd.graph.saved_tensors_hooks(pack, norm_recompute.unpack):
+                loss, _ = (inner or loss_fn)(model, batch)
     finally:
         for h in hooks:
             h.remove()

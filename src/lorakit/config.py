@@ -262,6 +262,9 @@ class TrainConfig:
     compile: bool = False
     fused_mlp: bool = True
     """LoRA: run Llama-style SwiGLU MLPs as one autograd Function that keeps less for backward (same results)."""
+    recompute_norms: bool = True
+    """Backward recomputes each norm's output from the input the norm keeps, instead of keeping it for the
+    projections after it (same results; two norms per layer of extra work)."""
     memory_budget_gb: float = 0.0
     """Peak memory to stay under: as many fused MLPs as needed redo two matmuls in backward instead of keeping
     their outputs (same results, slower); 0 = off, keep everything."""

@@ -218,7 +218,7 @@ def test_frozen_blocks_are_not_replayed_where_it_would_change_the_result() -> No
 
 
 def test_memory_levers_give_the_same_losses(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 23's levers (grouped-K/V attention with one mask, MLPs recomputed under a memory budget, the allocator
+    """Issue 23's levers (grouped-K/V attention with one mask, norm outputs and MLPs recomputed, the allocator
     setting) against the loop without them: the same fp32 losses, dropout on."""
     from lorakit.adapters import fused_mlp
     from lorakit.train import loop
@@ -230,9 +230,16 @@ def test_memory_levers_give_the_same_losses(workspace: Path, monkeypatch: pytest
     assert recomputed == [2]  # both layers: no budget this small is met
     monkeypatch.setattr(loop, "gqa_attention", lambda model: None)
     monkeypatch.setattr(loop, "low_fragmentation", contextlib.nullcontext)
-    before = run(workspace, "no-levers", "adapter.dropout=0.1")
+    before = run(workspace, "no-levers", "adapter.dropout=0.1", "train.recompute_norms=false")
     assert after.losses == pytest.approx(before.losses, rel=1e-5, abs=1e-5)
     assert after.eval_loss == pytest.approx(before.eval_loss, rel=1e-5)
+
+
+def test_recomputed_norms_give_the_same_losses(workspace: Path) -> None:
+    """train.recompute_norms (on by default) against off: the same bits, dropout on."""
+    on = run(workspace, "norms-on", "adapter.dropout=0.1")
+    off = run(workspace, "norms-off", "adapter.dropout=0.1", "train.recompute_norms=false")
+    assert on.losses == off.losses and on.eval_loss == off.eval_loss
 
 
 def test_memory_plan_recomputes_only_what_the_budget_needs() -> None:
@@ -242,7 +249,8 @@ def test_memory_plan_recomputes_only_what_the_budget_needs() -> None:
     model = tiny_model("llama")  # 2 layers, hidden 64, intermediate 128, 4 heads, 2 K/V heads
     per_layer, gate_up = kept_bytes_per_token(model.config, 4)
     assert gate_up == 2 * 128 * 4
-    assert per_layer == 2 * 64 * 4 + (64 + 2 * 64 + 2 * 32) * 4 + 64 * 4 + gate_up
+    assert per_layer == 2 * 64 * 4 + (2 * 64 + 2 * 32) * 4 + gate_up  # residual twice, q/out, k/v, g/u
+    assert kept_bytes_per_token(model.config, 4, norms_recomputed=False)[0] == per_layer + 2 * 64 * 4
     tokens = 2**20  # 1 MiB per byte per token
     roomy = plan(model, 2, tokens, 4, 1000.0, 100.0)
     assert roomy.recompute_layers == 0 and roomy.estimate_mb == roomy.keep_all_mb

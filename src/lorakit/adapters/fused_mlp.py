@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.lora import LoRALinear, LoRASpec, lora_delta_backward, lora_delta_forward
+from lorakit.train import norm_recompute
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 RECOMPUTE = "lorakit_recompute"  # attribute of a fused MLP: True = keep x only, redo gate and up in backward
@@ -108,6 +109,7 @@ class _SwiGLULoRA(torch.autograd.Function):
         # x (..., hidden); g, u (..., inter); y (..., hidden)
         gate, up, down = weights[0:4], weights[4:8], weights[8:12]
         xb = x.to(base_dtype)
+        norm_recompute.note_cast(x, xb)  # under autocast: the copy backward keeps is recomputable too
         g, g_mask, g_xa = _project(xb, *gate, specs[0])
         u, u_mask, u_xa = _project(xb, *up, specs[1])
         y, d_mask, d_xa = _project(F.silu(g) * u, *down, specs[2])

@@ -31,6 +31,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.quant.linear import QuantizedLinear, is_conv1d
+from lorakit.train import norm_recompute
 
 Init = Literal["kaiming", "gaussian"]
 
@@ -145,6 +146,7 @@ class _CastCache:
             if cached is not None:
                 return cached
         out = x.detach().to(dtype)
+        norm_recompute.note_cast(x, out)
         self._key, self._value = (weakref.ref(x), x._version, dtype), weakref.ref(out)
         return out
 

@@ -41,6 +41,7 @@ from lorakit.train.early_stop import EarlyStop, check_rows
 from lorakit.train.frozen_cache import frozen_block_cache
 from lorakit.train.kl_anchor import KLAnchor
 from lorakit.train.log import MetricsLog, progress_bar
+from lorakit.train import norm_recompute
 from lorakit.train.memory_plan import plan
 from lorakit.train.loss import IGNORE, check_fast_loss, fast_loss_sum
 from lorakit.train.optim import build_optimizer, lr_at, set_lr
@@ -217,6 +218,7 @@ class Run:
     anchor: KLAnchor | None = None  # train.kl_to_base (also inside loss_fn)
     fused_mlps: list[Any] = field(default_factory=list)
     attention_undo: Any = None  # switches the model back from the training attention (models.attention)
+    norm_hooks: list = field(default_factory=list)  # train.recompute_norms' forward hooks (norm_recompute.install)
     frozen: Any = None  # the frozen_block_cache, when train.cache_frozen applies
     optimizer: torch.optim.Optimizer | None = None
     log: MetricsLog | None = None  # rank 0 only
@@ -382,6 +384,9 @@ def _wrap_model(run: Run) -> None:
     run.attention_undo = gqa_attention(model)
     if tc.memory_budget_gb and run.fused_mlps and not tc.gradient_checkpointing:
         _plan_memory(run)
+    if tc.recompute_norms and not tc.gradient_checkpointing:
+        run.norm_hooks = norm_recompute.install(model)
+        run.loss_fn = norm_recompute.wrap(run.loss_fn)
     if run.cfg.adapter.method in ("dora", "ia3") and tc.fused_mlp:
         kind = {"dora": "DoRA", "ia3": "IA3"}[run.cfg.adapter.method]
         run.console.print(f"fused SwiGLU MLP off: {kind} layers run unfused (train.fused_mlp applies to method lora)")
@@ -401,7 +406,8 @@ def _plan_memory(run: Run) -> None:
     tc = run.cfg.train
     compute_bytes = 2 if run.amp_dtype is not None else model_dtype(run.model).itemsize
     tokens = tc.batch_size * run.cfg.data.max_length
-    p = plan(run.model, len(run.fused_mlps), tokens, compute_bytes, rss_mb() or 0.0, tc.memory_budget_gb)
+    p = plan(run.model, len(run.fused_mlps), tokens, compute_bytes, rss_mb() or 0.0, tc.memory_budget_gb,
+             tc.recompute_norms)
     recompute_mlps(run.model, p.recompute_layers)
     run.console.print(f"memory budget {tc.memory_budget_gb:g} GB: estimated peak {p.keep_all_mb / 1024:.1f} GB keeping "
                       f"every activation; {p.recompute_layers} of {len(run.fused_mlps)} MLPs recompute gate and up "
@@ -547,6 +553,8 @@ def finish(run: Run, state: TrainState, stream: BatchStream, result: TrainResult
         run.frozen.remove()  # the model is an ordinary model again
     if run.attention_undo is not None:
         run.attention_undo()
+    for hook in run.norm_hooks:
+        hook.remove()
     stopper = run.stopper
     if run.cfg.eval.every and not (stopper is not None and stopper.stopped):  # a stopped run was just evaluated
         gen = _generation_eval(run, state.step)
