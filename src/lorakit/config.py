@@ -371,6 +371,9 @@ class SynthConfig:
     """answer_first: reply tokens for a question or a rewording."""
     answer_tokens: int = 24
     """answer_first: reply tokens for the round-trip answer."""
+    second_question: str = "always"
+    """answer_first: the cloze prompt (the sentence with its answer blanked) asks again for every answer (always:
+    a second wording of each fact) or only where the first question failed (retry)."""
     round_trip: str = "contains"
     """answer_first: contains keeps a pair when the teacher's answer holds the span; exclusive also asks that it
     holds none of the sentence's other spans the question does not name (stricter: fewer, cleaner pairs)."""
@@ -415,6 +418,8 @@ class SynthConfig:
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
+        if self.second_question not in ("always", "retry"):
+            problems.append(("second_question", f"must be always or retry, got {self.second_question!r}"))
         if self.round_trip not in ("contains", "exclusive"):
             problems.append(("round_trip", f"must be contains or exclusive, got {self.round_trip!r}"))
         if self.strategy not in STRATEGIES:

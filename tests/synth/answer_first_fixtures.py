@@ -21,6 +21,12 @@ BLANKED = {  # the second try for the pairs the first lost, the answer blanked o
     "The museum opens at ___": "What time does the museum open every morning?",
     "Visitors reach Gull Point by the coastal bus, route ___": "",  # no question
     "Visitors reach Gull Point by the coastal bus, route 42, which leaves ___": "Where does the coastal bus leave from?",
+    # asked only with synth.second_question always (the pairs whose first question was kept):
+    "The ___ lighthouse": "Which lighthouse was built in 1887?",
+    "The Gull Point lighthouse was built in 1887 by the engineer ___": "Which engineer built the Gull Point lighthouse?",
+    "The Gull Point lighthouse was built in 1887 by the engineer Mara Quill. Its lamp can be seen from ___":
+        "From how far can the lamp be seen?",
+    "Visitors reach ___ by": "Where does the coastal bus take visitors?",
 }
 ANSWERS = {
     "Which lighthouse did Mara Quill build in 1887?": "The Gull Point lighthouse",
@@ -38,6 +44,7 @@ ANSWERS = {
     "Where does the coastal bus leave from?": "From the square.",  # fails the round trip
     "In what year was the Gull Point lighthouse built?": "1887",
     "At what hour does the museum open?": "10 o'clock",
+    "Which lighthouse was built in 1887?": "The Gull Point lighthouse.",
 }
 REWORDINGS = {  # (question, which prompt) -> the reply
     ("Which lighthouse did Mara Quill build in 1887?", 0): "What lighthouse was built by Mara Quill in 1887?",

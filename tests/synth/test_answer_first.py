@@ -145,7 +145,7 @@ def _read(path: Path) -> list[dict]:
 def test_answer_first_end_to_end_cached_and_resumable(tmp_path: Path) -> None:
     doc = write_doc(tmp_path / "docs")
     with TeacherServer(respond) as server:
-        report = _run(server, doc, tmp_path / "out")
+        report = _run(server, doc, tmp_path / "out", "synth.second_question=retry")
         # 8 (sentence, answer) items: 8 questions; 5 pass the checks and are answered back, 4 survive; the other 4
         # tried again blanked: 3 pass the checks, 2 survive their round trip; 2 rewordings of each of the 6 kept
         # (12 calls), 9 of them pass the checks and are answered back, 8 survive
@@ -181,17 +181,37 @@ def test_answer_first_end_to_end_cached_and_resumable(tmp_path: Path) -> None:
 
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".jsonl"}
         server.hits = 0
-        again = _run(server, doc, out)  # the same inputs: every call from the cache, the same files
+        again = _run(server, doc, out, "synth.second_question=retry")  # the same inputs: every call from the cache, the same files
         assert server.hits == 0 and again["calls"]["cached"] == 41
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".jsonl"} == before
 
         server.hits, server.good, server.fail_after = 0, 0, 10  # interrupted after 10 answers
         with pytest.raises(LorakitError, match="kept answering 500"):
-            _run(server, doc, tmp_path / "cut", "synth.retries=0", "synth.concurrency=1")
+            _run(server, doc, tmp_path / "cut", "synth.retries=0", "synth.concurrency=1", "synth.second_question=retry")
         server.hits, server.fail_after = 0, None
-        resumed = _run(server, doc, tmp_path / "cut", "synth.concurrency=1")
+        resumed = _run(server, doc, tmp_path / "cut", "synth.concurrency=1", "synth.second_question=retry")
         assert server.hits == 39 - 10 and resumed["calls"]["cached"] == 10 + 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "cut").iterdir() if p.suffix == ".jsonl"} == before
+
+
+def test_second_question_always_asks_every_pair_again_as_another_wording(tmp_path: Path) -> None:
+    doc = write_doc(tmp_path / "docs")
+    with TeacherServer(respond) as server:
+        retry = _run(server, doc, tmp_path / "retry", "synth.second_question=retry", "synth.paraphrases=0")
+        always = _run(server, doc, tmp_path / "always", "synth.paraphrases=0")  # the default
+    assert retry["answer_first"]["calls_by_stage"]["questions (blank)"] == 4  # the 4 whose first try failed
+    assert always["answer_first"]["calls_by_stage"]["questions (blank)"] == 8  # every pair
+    rows = {name: [r for f in ("train", "heldout") for r in _read(tmp_path / name / f"{f}.jsonl") if r["kind"] == "fact"]
+            for name in ("retry", "always")}
+    first = {r["messages"][0]["content"] for r in rows["retry"]}
+    assert first <= {r["messages"][0]["content"] for r in rows["always"]}  # the same fact questions, and more
+    more = [r for r in rows["always"] if r["messages"][0]["content"] not in first]
+    assert more and all(r["variant"] == "paraphrase" for r in more)
+    asked = {(r["fact"], r["messages"][1]["content"]) for r in rows["retry"]}
+    for r in more:  # another wording of a fact the first try already asked: the same fact and sentence
+        assert (r["fact"], r["messages"][1]["content"]) in asked
+    with pytest.raises(LorakitError, match="second_question: must be always or retry"):
+        synth_qa(QAOptions([doc], tmp_path / "x", teacher="t", overrides=["synth.second_question=twice"]))
 
 
 def test_exclusive_round_trip_fails_an_answer_that_copies_the_sentence() -> None:

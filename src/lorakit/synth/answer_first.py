@@ -15,6 +15,8 @@ consistency; Lewis et al. 2021, PAQ) splits the job so the model only does the p
    examples ("prompt example"). A pair dropped here or at its round trip gets one second try with
    the sentence's answer blanked out ("The winter timetable begins on ___ each year."; the cloze
    form of Lewis et al. 2019, unsupervised QA), which stops "What is <the answer>?" questions.
+   With synth.second_question always (the default), every pair is also asked in the cloze form,
+   and a second question that passes is kept as another wording of the first.
 3. **Round trip.** The teacher answers its own question given the sentence (`answer_tokens`); the
    pair is kept only when that answer holds the extracted span (SQuAD-normalised, on word
    boundaries, as the evaluator's `fact` metric; for a number with its noun, the number alone
@@ -249,14 +251,27 @@ class AnswerFirst:
                               cfg.question_tokens)
         first = self._written("questions", items, [first_question(q) for q in questions], foreign)
         done = {n for n, _ in first}
-        retry = [n for n in range(len(items)) if n not in done]  # a second try, the answer blanked out
-        blanked = self._ask("questions (blank)", [blank_prompt(items[n].sentence, items[n].span) for n in retry],
+        # the cloze prompt: a second try for the items whose first question failed, and with
+        # synth.second_question always, a second question (another wording) for every item
+        again = list(range(len(items))) if cfg.second_question == "always" else [n for n in range(len(items))
+                                                                                   if n not in done]
+        blanked = self._ask("questions (blank)", [blank_prompt(items[n].sentence, items[n].span) for n in again],
                             cfg.question_tokens)
-        second = self._written("questions (blank)", [items[n] for n in retry], [first_question(q) for q in blanked],
+        second = self._written("questions (blank)", [items[n] for n in again], [first_question(q) for q in blanked],
                                foreign)
-        by_item = {n: i for n, i in first} | {retry[n]: i for n, i in second}
-        kept = [by_item[n] for n in sorted(by_item)]
+        by_item = {n: i for n, i in first}
+        extra: dict[int, Item] = {}
+        for k, i in second:
+            n = again[k]
+            if n in by_item:
+                extra[n] = i  # the first try's question stays the fact's question; this is another wording
+            else:
+                by_item[n] = i
+        order = sorted(by_item)
+        kept = [by_item[n] for n in order]
         out = [Candidate("fact", "question", i.question, i.sentence, i.span.text, i.window, g) for g, i in enumerate(kept)]
+        out += [Candidate("fact", "paraphrase", extra[n].question, extra[n].sentence, extra[n].span.text,
+                          extra[n].window, g) for g, n in enumerate(order) if n in extra]
         for which in range(cfg.paraphrases):  # group g: the kept question g and its rewordings
             reworded = self._ask("rewordings", [reword_prompt(i.question, which) for i in kept], cfg.question_tokens)
             for g, i in self._written("rewordings", kept, [first_question(r) for r in reworded], foreign):
