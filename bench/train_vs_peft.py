@@ -74,7 +74,22 @@ CONFIGS = {
     "lorakit-budget": "lorakit with train.memory_budget_gb",
     "trl-packing": "PEFT + TRL SFTTrainer, packing=True",
     "trl-no-packing": "PEFT + TRL SFTTrainer, no packing (padded per batch)",
+    "trl-packing-tcmalloc": "PEFT + TRL SFTTrainer, packing=True, tcmalloc preloaded",
+    "trl-no-packing-tcmalloc": "PEFT + TRL SFTTrainer, no packing, tcmalloc preloaded",
 }
+
+
+def child_env(config: str) -> dict[str, str]:
+    """The environment a configuration's process runs in. lorakit: what the `lorakit` command gives itself (tcmalloc
+    preloaded where installed, lorakit.memory); TRL: the caller's, as a new user runs it, or with tcmalloc preloaded
+    for the -tcmalloc configurations (what the same allocator does for the peer)."""
+    from lorakit.memory import allocator_env, find_tcmalloc
+
+    if config.startswith("lorakit") or config.endswith("-tcmalloc"):
+        if config.endswith("-tcmalloc") and find_tcmalloc() is None:
+            sys.exit(f"{config}: no tcmalloc installed (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+        return allocator_env(os.environ) or dict(os.environ)
+    return dict(os.environ)
 
 
 def run_lorakit(args: argparse.Namespace) -> dict:
@@ -135,8 +150,11 @@ def run_peft(args: argparse.Namespace, packing: bool) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    result = run_lorakit(args) if args.child.startswith("lorakit") else run_peft(args, args.child == "trl-packing")
-    print("RESULT " + json.dumps(result), flush=True)
+    from lorakit.memory import allocator_in_use
+
+    packing = args.child.startswith("trl-packing")
+    result = run_lorakit(args) if args.child.startswith("lorakit") else run_peft(args, packing)
+    print("RESULT " + json.dumps({**result, "allocator": allocator_in_use()}), flush=True)
 
 
 def run_child(config: str, precision: str, args: argparse.Namespace, mdir: str, data: Path, work: Path) -> dict:
@@ -149,7 +167,7 @@ def run_child(config: str, precision: str, args: argparse.Namespace, mdir: str, 
     log = work / f"{config}-{precision}.log"
     with log.open("w") as fh:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(config))
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -190,6 +208,9 @@ def main() -> None:
     make_data(data, args.examples)
     mdir = model_dir(args.model, work)
     runs: dict[tuple[str, str], list[dict]] = {}
+    warm = argparse.Namespace(**{**vars(args), "max_steps": 1})
+    for config in dict.fromkeys(c.removesuffix("-tcmalloc") for c in args.configs if c.startswith("trl")):
+        run_child(config, args.precisions[0], warm, mdir, data, work)  # untimed: datasets' cache of the prepared rows
     loads = [load_average()]
     for rep in range(args.repeats):
         for precision in args.precisions:
@@ -199,7 +220,8 @@ def main() -> None:
                 loads.append(load_average())
                 print(f"repeat {rep + 1} {precision} {config:15s} {r['steps']:3d} steps  {r['processed_tokens']:6d} "
                       f"processed  {r['trained_tokens']:6d} trained  wall {r['wall_s']:6.1f} s  peak RSS "
-                      f"{r['peak_rss_mb']:6.0f} MB  loss {r['final_loss']:.3f}  load {loads[-1]}", flush=True)
+                      f"{r['peak_rss_mb']:6.0f} MB  loss {r['final_loss']:.3f}  {r['allocator']}  load {loads[-1]}",
+                      flush=True)
                 write_report(args, runs, loads, quiet=True)  # after every run: an interrupted benchmark keeps its rows
     write_report(args, runs, loads)
 
@@ -218,20 +240,22 @@ def write_report(args: argparse.Namespace, runs: dict, loads: list[str], quiet: 
         f"{args.examples} prompt/completion rows, LoRA r=16 alpha=32 all-linear, dropout 0, batch {args.batch_size}, "
         f"max length {args.max_length}, {f'first {args.max_steps} steps only (a probe, not the protocol)' if args.max_steps else 'one epoch'}; lorakit overrides: {args.lorakit_set or 'none'}"
         f"{f', lorakit-budget: train.memory_budget_gb={args.budget_gb:g}' if 'lorakit-budget' in args.configs else ''}. "
-        f"Median of {args.repeats} alternating run(s); wall time and peak RSS of the whole process.", "",
-        "| precision | configuration | steps | processed tokens | trained tokens | wall (s) | peak RSS (MB) | final loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"Median of {args.repeats} alternating run(s); wall time and peak RSS of the whole process. TRL's prepared "
+        "rows are cached by `datasets` first in an untimed one-step run of each TRL configuration (the first run of "
+        "a new file pays that preparation once).", "",
+        "| precision | configuration | allocator | steps | processed tokens | trained tokens | wall (s) | peak RSS (MB) | final loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (config, precision) in runs:
         key = (config, precision)
-        lines.append(f"| {precision} | {CONFIGS[config]} | {med(key, 'steps'):.0f} | {med(key, 'processed_tokens'):.0f} | "
+        lines.append(f"| {precision} | {CONFIGS[config]} | {runs[key][0]['allocator']} | {med(key, 'steps'):.0f} | {med(key, 'processed_tokens'):.0f} | "
                      f"{med(key, 'trained_tokens'):.0f} | {med(key, 'wall_s'):.1f} | {med(key, 'peak_rss_mb'):.0f} | "
                      f"{med(key, 'final_loss'):.3f} |")
     lines.append("")
     for precision in args.precisions:
         for ours in ("lorakit", "lorakit-budget"):
             lk = (ours, precision)
-            for peer in ("trl-packing", "trl-no-packing"):
+            for peer in ("trl-packing", "trl-no-packing", "trl-packing-tcmalloc", "trl-no-packing-tcmalloc"):
                 if lk in runs and (peer, precision) in runs:
                     lines.append(f"- {precision}, {CONFIGS[ours]} vs {CONFIGS[peer]}: "
                                  f"{med((peer, precision), 'wall_s') / med(lk, 'wall_s'):.2f}x faster, "

@@ -782,11 +782,26 @@ def _root(
     """--debug is taken out of the arguments by main(); declared here so --help lists it."""
 
 
+def _with_tcmalloc() -> None:
+    """Run this command again with tcmalloc preloaded where it is installed (lorakit.memory explains why;
+    LORAKIT_ALLOCATOR=system keeps the system allocator). Returns only when the process stays as it is."""
+    from lorakit.memory import allocator_env
+
+    env = allocator_env(os.environ)
+    if env is not None:
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "lorakit", *sys.argv[1:]], env)
+        except OSError:
+            return
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become `error:` lines and exit 2; anything else one line and exit 1.
 
     With --debug (anywhere before `--`) or LORAKIT_DEBUG=1 every error keeps its full traceback.
     """
+    if argv is None:
+        _with_tcmalloc()
     args, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or debug_enabled()
     previous = os.environ.get("LORAKIT_DEBUG")

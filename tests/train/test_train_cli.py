@@ -58,6 +58,19 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in events if e["event"] == "train"}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator choice is Linux-only")
+def test_the_command_trains_with_tcmalloc_where_installed(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.memory import find_tcmalloc
+
+    proc = run_cli("train", str(write_config(workspace, "alloc", max_steps=2, eval_every=0, save_every=0)))
+    assert proc.returncode == 0, proc.stderr
+    assert ("memory allocator: tcmalloc" if find_tcmalloc() else "memory allocator: glibc") in proc.stdout
+    monkeypatch.setenv("LORAKIT_ALLOCATOR", "system")
+    proc = run_cli("train", str(write_config(workspace, "alloc-system", max_steps=2, eval_every=0, save_every=0)))
+    assert proc.returncode == 0, proc.stderr
+    assert "memory allocator: glibc" in proc.stdout
+
+
 def test_train_writes_the_run_directory_and_loss_falls(workspace: Path) -> None:
     proc = run_cli("train", str(write_config(workspace, "run1", max_steps=24)))
     assert proc.returncode == 0, proc.stderr

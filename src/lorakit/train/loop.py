@@ -32,7 +32,7 @@ from lorakit.data.batching import to_device
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_write_text, remove_stale_temps
 from lorakit.losses import LossFn, full_loss_sum
-from lorakit.memory import low_fragmentation, peak_rss_mb, rss_mb
+from lorakit.memory import allocator_in_use, find_tcmalloc, low_fragmentation, peak_rss_mb, rss_mb
 from lorakit.models.attention import gqa_attention
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
@@ -295,6 +295,14 @@ def _load(cfg: Config, run_dir: Path, console: Any, device: torch.device, amp_dt
     run.stopper = _early_stopper(cfg, data.eval)  # None without train.early_stop
     run.adapted = prepare_model(run.model, cfg.adapter, loaded.tokenizer)
     console.print(f"model {cfg.model.name}: {parameter_summary(run.model)}")
+    if device.type == "cpu":
+        allocator = allocator_in_use()
+        hint = ""
+        if allocator == "glibc":
+            hint = ("; tcmalloc (Debian/Ubuntu: apt-get install libtcmalloc-minimal4) makes CPU training steps ~1.5x "
+                    "faster at the same peak memory, and the lorakit command uses it where installed"
+                    if find_tcmalloc() is None else " (LORAKIT_ALLOCATOR=system, or lorakit called as a library)")
+        console.print(f"memory allocator: {allocator}{hint}", markup=False, highlight=False)
     if cfg.adapter.method == "selective":
         shown = ", ".join(run.adapted[:3]) + (f" and {len(run.adapted) - 3} more" if len(run.adapted) > 3 else "")
         console.print(f"selective: {len(run.adapted)} parameter tensors train: {shown}", markup=False)
