@@ -59,6 +59,55 @@ def test_fast_loss_equals_full_logits_loss_and_grads() -> None:
     assert check_fast_loss(model, batch)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_frozen_head_gradient_in_the_forward_matches_the_checkpointed_head(autocast: bool,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """_FrozenHeadCE (a frozen head: its gradient taken chunk by chunk in the forward) against the checkpointed
+    chunks it replaces: the same loss bits, gradients equal but for where the loss scale is applied; several chunks."""
+    from lorakit.train import loss as loss_mod
+    from lorakit.train.support import cpu_bf16_supported
+
+    if autocast and not cpu_bf16_supported():
+        pytest.skip("no bf16 on this CPU")
+    monkeypatch.setattr(loss_mod, "LOGIT_ELEMENTS", 16 * 128)  # 16 rows per chunk: several chunks
+    model = tiny_model("llama").train()
+    inject_lora(model, ["all-linear"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    batch = _batch()
+
+    def run(frozen_path: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        calls: list[int] = []
+        apply = loss_mod._FrozenHeadCE.apply
+        monkeypatch.setattr(loss_mod._FrozenHeadCE, "apply", lambda *a: calls.append(1) or apply(*a))
+        monkeypatch.setattr(loss_mod, "_frozen", lambda head: frozen_path)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total, n = fast_loss_sum(model, batch)
+        (total / n).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        assert len(calls) == int(frozen_path)
+        return total.detach(), grads, n
+
+    fused, g_fused, n = run(True)
+    plain, g_plain, _ = run(False)
+    assert n > 16 and torch.equal(fused, plain)
+    assert g_fused.keys() == g_plain.keys() and g_fused
+    for k in g_fused:
+        scale = float(g_plain[k].abs().max())  # bf16: the logits' gradient is rounded to bf16 before / after scaling
+        torch.testing.assert_close(g_fused[k], g_plain[k], rtol=1e-2 if autocast else 1e-5,
+                                   atol=(2e-2 if autocast else 1e-6) * scale)
+    trainable = tiny_model("llama").train()  # full fine-tuning: the head trains, the checkpointed path is taken
+    calls: list[int] = []
+    apply = loss_mod._FrozenHeadCE.apply
+    monkeypatch.setattr(loss_mod._FrozenHeadCE, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(loss_mod, "_frozen", lambda head: not any(p.requires_grad for p in head.parameters()))
+    fast_loss_sum(trainable, batch)[0].backward()
+    assert calls == [] and trainable.get_output_embeddings().weight.grad is not None
+
+
 def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path: Path) -> None:
     model = tiny_model("llama").train()
     inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)

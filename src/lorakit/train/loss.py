@@ -74,10 +74,48 @@ def trained_rows(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[
     return hidden[:, :-1][keep], targets[keep]
 
 
+class _FrozenHeadCE(torch.autograd.Function):
+    """The chunked loss over a frozen head, its gradient computed chunk by chunk in the forward.
+
+    With the head frozen (LoRA and its kin: tied embeddings, or an untrained lm_head), backward
+    needs from the head only d loss / d hidden, an (N, hidden) tensor. The checkpointed path
+    computes each chunk's logits twice (forward, then again in backward); this one computes
+    them once: in the forward, each chunk's loss and, by autograd on that chunk alone, its
+    gradient, kept for backward, which scales it by the incoming gradient. The loss is the same
+    bits; the gradient is the same math with the loss scale applied last instead of first
+    (fp32 rounding). On SmolLM2 at 4 x 512 tokens, one head matmul less per trained token
+    (~0.4 s of a 8.7 s fp32 CPU step).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, head, targets, rows):  # type: ignore[override]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grads = torch.empty_like(hidden)
+        for start in range(0, int(targets.numel()), rows):
+            h = hidden[start : start + rows].detach().requires_grad_(True)
+            with torch.enable_grad():
+                part = _head_ce_sum(head, h, targets[start : start + rows])
+                (grads[start : start + rows],) = torch.autograd.grad(part, h)
+            total = total + part.detach()
+        ctx.save_for_backward(grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (grads,) = ctx.saved_tensors
+        return grads * grad.to(grads.dtype), None, None, None
+
+
+def _frozen(head: nn.Module) -> bool:
+    return not any(p.requires_grad for p in head.parameters())
+
+
 def head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over rows of `hidden` (N, H), the head applied CHUNK rows at a time."""
-    total = hidden.new_zeros((), dtype=torch.float32)
+    """Cross-entropy summed over rows of `hidden` (N, H), the head applied chunk_rows(head) rows at a time."""
     rows = chunk_rows(head)
+    if torch.is_grad_enabled() and hidden.requires_grad and _frozen(head):
+        return _FrozenHeadCE.apply(hidden, head, targets, rows)
+    total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, int(targets.numel()), rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
         if torch.is_grad_enabled():
