@@ -219,7 +219,7 @@ def test_frozen_blocks_are_not_replayed_where_it_would_change_the_result() -> No
 
 def test_memory_levers_give_the_same_losses(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 23's levers (grouped-K/V attention with one mask, norm outputs and MLPs recomputed, the allocator
-    setting) against the loop without them: the same fp32 losses, dropout on."""
+    setting, the frozen head's gradient in the forward and its smaller chunks) against the loop without them: the same fp32 losses, dropout on."""
     from lorakit.adapters import fused_mlp
     from lorakit.train import loop
 
@@ -230,6 +230,10 @@ def test_memory_levers_give_the_same_losses(workspace: Path, monkeypatch: pytest
     assert recomputed == [2]  # both layers: no budget this small is met
     monkeypatch.setattr(loop, "gqa_attention", lambda model: None)
     monkeypatch.setattr(loop, "low_fragmentation", contextlib.nullcontext)
+    from lorakit.train import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "_frozen", lambda head: False)  # the head's chunks checkpointed, as before
+    monkeypatch.setattr(loss_mod, "LOGIT_ELEMENTS", 1 << 40)  # ... 1024 rows each, as before
     before = run(workspace, "no-levers", "adapter.dropout=0.1", "train.recompute_norms=false")
     assert after.losses == pytest.approx(before.losses, rel=1e-5, abs=1e-5)
     assert after.eval_loss == pytest.approx(before.eval_loss, rel=1e-5)
