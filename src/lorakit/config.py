@@ -374,6 +374,9 @@ class SynthConfig:
     second_question: str = "always"
     """answer_first: the cloze prompt (the sentence with its answer blanked) asks again for every answer (always:
     a second wording of each fact) or only where the first question failed (retry)."""
+    statements: bool = False
+    """answer_first: a sentence whose every pair was lost gets one "Tell me about <name>." row answered by the
+    sentence (no teacher call), so what it says is trained too."""
     round_trip: str = "contains"
     """answer_first: contains keeps a pair when the teacher's answer holds the span; exclusive also asks that it
     holds none of the sentence's other spans the question does not name (stricter: fewer, cleaner pairs)."""

@@ -229,3 +229,19 @@ def test_exclusive_round_trip_fails_an_answer_that_copies_the_sentence() -> None
                  "What is Dagny Thorsvik's job?")  # the question names the other span: it may be in the answer
     assert other_spans(named, 4) == []
     assert round_trip("Dagny Thorsvik is the chief engineer.", named.span, other_spans(named, 4))
+
+
+def test_statements_ask_about_the_sentences_no_kept_question_answers() -> None:
+    from lorakit.synth.answer_first import Item, statements
+
+    covered = "The Corrie Wren was built in 2009 at the Aberlune shipyard."
+    lost = ["Fiddler's Light stands on Greyhorn Rock and flashes every 9 seconds.",
+            "Fiddler's Light was lit by Ada Moss in 1902.",  # its first name is used already: the next one
+            "The old ferry sank in shallow water."]  # no name: nothing to ask about
+    items = [Item(0, s, sp) for s in [covered, *lost] for sp in answer_spans(s)]
+    kept = [i for i in items if i.sentence == covered][:1]
+    rows = statements(items, kept, 10)
+    assert [(r.question, r.answer, r.fact, r.variant, r.group) for r in rows] == [
+        ("Tell me about Fiddler's Light.", lost[0], "Greyhorn Rock", "statement", 10),
+        ("What do you know about Ada Moss?", lost[1], "Fiddler's Light", "statement", 11),
+    ]

@@ -33,6 +33,9 @@ consistency; Lewis et al. 2021, PAQ) splits the job so the model only does the p
    documents; the question is answered with the refusal. Up to `unanswerable_per_window` per
    window; the shared filters then drop those whose key terms one sentence still holds.
 
+6. **Statements** (synth.statements): a sentence whose every pair was lost is asked about by its
+   subject without the teacher ("Tell me about Fiddler's Light."), so what it says is trained too.
+
 The training answer of a fact row is the sentence itself: grounded by construction, and it
 holds the fact. Every call goes through `teacher.ask`, so it is cached and an interrupted run resumes.
 """
@@ -277,7 +280,39 @@ class AnswerFirst:
             for g, i in self._written("rewordings", kept, [first_question(r) for r in reworded], foreign):
                 out.append(Candidate("fact", "paraphrase", i.question, i.sentence, i.span.text, i.window, g))
         out += perturbed(kept, documents, cfg.unanswerable_per_window, cfg.refusal, cfg.seed, len(kept))
+        if cfg.statements:
+            out += statements(items, kept, len(kept) + len(out))
         return out
+
+
+STATEMENT_FRAMES = ("Tell me about {}.", "What do you know about {}?")
+
+
+def statements(items: Sequence[Item], kept: Sequence[Item], first_group: int) -> list[Candidate]:
+    """synth.statements: a sentence no kept question answers is asked about by its subject, without the teacher.
+
+    The round trip loses every pair of some sentences, and what they say is then never trained.
+    Each such sentence gets one row "Tell me about <name>." / "What do you know about <name>?"
+    (alternating) answered by the sentence, with the first name in it not yet used for such a row
+    (so no two rows ask the same thing with different answers); its fact is the sentence's first
+    other answer span. The demo's hand-written augmentation has the same kind ("statement")."""
+    covered = {i.sentence for i in kept}
+    used: set[str] = set()
+    out: list[Candidate] = []
+    for sentence in dict.fromkeys(i.sentence for i in items):
+        if sentence in covered:
+            continue
+        spans = answer_spans(sentence)
+        names = [sp.text for sp in spans if sp.kind == "name" and sp.text.lower() not in used]
+        if not names:
+            continue
+        subject = names[0]
+        fact = next((sp.text for sp in spans if sp.text != subject), subject)
+        used.add(subject.lower())
+        window = next(i.window for i in items if i.sentence == sentence)
+        out.append(Candidate("fact", "statement", STATEMENT_FRAMES[len(out) % 2].format(subject), sentence, fact,
+                             window, first_group + len(out)))
+    return out
 
 
 def _terms(text: str) -> set[str]:
