@@ -37,13 +37,19 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def test_fast_loss_equals_full_logits_loss_and_grads() -> None:
+def _lora_model() -> torch.nn.Module:
+    """A tiny Llama with LoRA on every linear layer, B nonzero (B = 0 would hide the LoRA gradients)."""
     model = tiny_model("llama").train()
     inject_lora(model, ["all-linear"], r=4, alpha=8)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+    return model
+
+
+def test_fast_loss_equals_full_logits_loss_and_grads() -> None:
+    model = _lora_model()
     batch = _batch()
     fast, n_fast = fast_loss_sum(model, batch)
     fast.backward()
@@ -70,12 +76,7 @@ def test_frozen_head_gradient_in_the_forward_matches_the_checkpointed_head(autoc
     if autocast and not cpu_bf16_supported():
         pytest.skip("no bf16 on this CPU")
     monkeypatch.setattr(loss_mod, "LOGIT_ELEMENTS", 16 * 128)  # 16 rows per chunk: several chunks
-    model = tiny_model("llama").train()
-    inject_lora(model, ["all-linear"], r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = _lora_model()
     batch = _batch()
 
     def run(frozen_path: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
