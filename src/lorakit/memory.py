@@ -99,16 +99,6 @@ def allocator_env(environ: Mapping[str, str], library: str | None = None) -> dic
     return env
 
 
-def trim() -> None:
-    """Give freed heap pages back to the OS (glibc malloc_trim; tcmalloc's ReleaseFreeMemory)."""
-    if allocator_in_use() == "tcmalloc":
-        with contextlib.suppress(AttributeError, OSError):
-            ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory()
-        return
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 @contextlib.contextmanager
 def low_fragmentation(mmap_threshold: int = 1 << 20) -> Iterator[None]:
     """Serve allocations above `mmap_threshold` from their own mappings for the duration (glibc only: tcmalloc

@@ -12,16 +12,12 @@ from lorakit.config import load_config
 from lorakit.errors import LorakitError
 from lorakit.train.loop import train
 from lorakit.train.support import cpu_bf16_supported
-from tests.conftest import save_tiny_model_dir
-from tests.train.test_train_cli import write_chat_data
+from tests.train.test_train_cli import chat_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("options")
-    save_tiny_model_dir(root / "model")
-    write_chat_data(root / "train.jsonl")
-    return root
+    return chat_workspace(tmp_path_factory, "options")
 
 
 def run(root: Path, name: str, *overrides: str):

@@ -30,18 +30,24 @@ def write_chat_data(path: Path, n: int = 48) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train")
+def chat_workspace(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder with the tiny model (model/) and write_chat_data's rows (train.jsonl)."""
+    root = tmp_path_factory.mktemp(name)
     save_tiny_model_dir(root / "model")
     write_chat_data(root / "train.jsonl")
     return root
 
 
-def write_config(root: Path, name: str, **train_overrides) -> Path:
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chat_workspace(tmp_path_factory, "train")
+
+
+def write_config(root: Path, name: str, adapter: dict | None = None, **train_overrides) -> Path:
+    """A LoRA training config over `root`'s workspace; `adapter` updates the adapter section."""
     cfg = {
         "model": {"name": str(root / "model"), "dtype": "fp32"},
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["all-linear"]},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["all-linear"], **(adapter or {})},
         "data": {"train": str(root / "train.jsonl"), "max_length": 64, "eval_ratio": 0.25, "packing": True},
         "train": {"max_steps": 12, "batch_size": 4, "lr": 2e-2, "log_every": 1, "eval_every": 4,
                   "save_every": 4, "precision": "fp32", "warmup_steps": 2, **train_overrides},

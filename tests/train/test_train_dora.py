@@ -10,28 +10,19 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli, save_tiny_model_dir
-from tests.train.test_train_cli import train_losses, write_chat_data, write_config
+from tests.conftest import run_cli
+from tests.train.test_train_cli import chat_workspace, train_losses, write_config
+
+DORA = {"method": "dora"}
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train-dora")
-    save_tiny_model_dir(root / "model")
-    write_chat_data(root / "train.jsonl")
-    return root
-
-
-def dora_config(root: Path, name: str, **train_overrides) -> Path:
-    path = write_config(root, name, **train_overrides)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["adapter"]["method"] = "dora"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return chat_workspace(tmp_path_factory, "train-dora")
 
 
 def test_dora_trains_saves_peft_format_and_resumes_exactly(workspace: Path) -> None:
-    proc = run_cli("train", str(dora_config(workspace, "dora", max_steps=24, save_every=12, eval_every=0)))
+    proc = run_cli("train", str(write_config(workspace, "dora", DORA, max_steps=24, save_every=12, eval_every=0)))
     assert proc.returncode == 0, proc.stderr
     assert "fused SwiGLU MLP off: DoRA layers run unfused" in proc.stdout
     run = workspace / "dora"
@@ -48,7 +39,7 @@ def test_dora_trains_saves_peft_format_and_resumes_exactly(workspace: Path) -> N
     # Resume from step 12 (the newer checkpoint removed): steps 13-24 repeat the uninterrupted run.
     shutil.copytree(run, workspace / "dora-resumed")
     shutil.rmtree(workspace / "dora-resumed" / "checkpoints" / "step-24")
-    cfg = dora_config(workspace, "dora-resumed", max_steps=24, save_every=12, eval_every=0)
+    cfg = write_config(workspace, "dora-resumed", DORA, max_steps=24, save_every=12, eval_every=0)
     resumed = run_cli("train", str(cfg), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "step 12" in resumed.stdout
@@ -58,7 +49,7 @@ def test_dora_trains_saves_peft_format_and_resumes_exactly(workspace: Path) -> N
 
 
 def test_qdora_trains_on_an_nf4_base(workspace: Path) -> None:
-    path = dora_config(workspace, "qdora", max_steps=16, save_every=0, eval_every=0)
+    path = write_config(workspace, "qdora", DORA, max_steps=16, save_every=0, eval_every=0)
     cfg = yaml.safe_load(path.read_text())
     cfg["quantization"] = {"method": "nf4", "compute_dtype": "fp32"}
     path.write_text(yaml.safe_dump(cfg))

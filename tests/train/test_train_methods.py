@@ -7,33 +7,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli, save_tiny_model_dir
-from tests.train.test_train_cli import train_losses, write_chat_data, write_config
+from tests.conftest import run_cli
+from tests.train.test_train_cli import chat_workspace, train_losses, write_config
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train-methods")
-    save_tiny_model_dir(root / "model")
-    write_chat_data(root / "train.jsonl")
-    return root
-
-
-def method_config(root: Path, name: str, adapter: dict, train: dict | None = None, **train_overrides) -> Path:
-    path = write_config(root, name, **train_overrides)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["adapter"].update(adapter)
-    cfg["train"].update(train or {})
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return chat_workspace(tmp_path_factory, "train-methods")
 
 
 def test_ia3_trains_with_the_kl_anchor_saves_peft_format_resumes_and_generates(workspace: Path) -> None:
     kl = {"kl_to_base": {"weight": 1.0, "on": "all"}}  # the reference pass switches the IA3 layers off
-    cfg = method_config(workspace, "ia3", {"method": "ia3"}, kl, max_steps=24, save_every=12, eval_every=0, lr=5e-2)
+    cfg = write_config(workspace, "ia3", {"method": "ia3"}, **kl, max_steps=24, save_every=12, eval_every=0, lr=5e-2)
     proc = run_cli("train", str(cfg))
     assert proc.returncode == 0, proc.stderr
     assert "fused SwiGLU MLP off: IA3 layers run unfused" in proc.stdout
@@ -50,7 +37,7 @@ def test_ia3_trains_with_the_kl_anchor_saves_peft_format_resumes_and_generates(w
 
     shutil.copytree(run, workspace / "ia3-resumed")  # resume from step 12: steps 13-24 repeat the run
     shutil.rmtree(workspace / "ia3-resumed" / "checkpoints" / "step-24")
-    cfg = method_config(workspace, "ia3-resumed", {"method": "ia3"}, kl, max_steps=24, save_every=12, eval_every=0,
+    cfg = write_config(workspace, "ia3-resumed", {"method": "ia3"}, **kl, max_steps=24, save_every=12, eval_every=0,
                         lr=5e-2)
     resumed = run_cli("train", str(cfg), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -68,7 +55,7 @@ def test_ia3_trains_with_the_kl_anchor_saves_peft_format_resumes_and_generates(w
 
 def test_selective_trains_exactly_the_matched_tensors(workspace: Path) -> None:
     adapter = {"method": "selective", "trainable": [r"model\.layers\.1\.mlp\.", r"norm\.weight$"]}
-    proc = run_cli("train", str(method_config(workspace, "sel", adapter, max_steps=12, save_every=12, eval_every=0,
+    proc = run_cli("train", str(write_config(workspace, "sel", adapter, max_steps=12, save_every=12, eval_every=0,
                                               lr=1e-2)))
     assert proc.returncode == 0, proc.stderr
     assert "selective: 8 parameter tensors train: model.layers.0.input_layernorm.weight" in proc.stdout
@@ -89,6 +76,6 @@ def test_selective_trains_exactly_the_matched_tensors(workspace: Path) -> None:
     from lorakit.errors import LorakitError
     from lorakit.train.loop import train
 
-    kl = load_config(method_config(workspace, "sel-kl", adapter, {"kl_to_base": {"weight": 1.0}}, max_steps=2))
+    kl = load_config(write_config(workspace, "sel-kl", adapter, kl_to_base={"weight": 1.0}, max_steps=2))
     with pytest.raises(LorakitError, match="selective fine-tuning trains base weights and has none"):
         train(kl, quiet=True)

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 from lorakit.config import load_config
 from lorakit.train.loop import train
-from tests.conftest import save_tiny_model_dir
-from tests.train.test_train_cli import write_chat_data, write_config
+from tests.train.test_train_cli import chat_workspace, write_config
 
 N = 8
 INIT = "what comes after"
@@ -21,10 +20,7 @@ INIT = "what comes after"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train-pt")
-    save_tiny_model_dir(root / "model")
-    write_chat_data(root / "train.jsonl")
-    return root
+    return chat_workspace(tmp_path_factory, "train-pt")
 
 
 def pt_config(root: Path, name: str, quantization: dict | None = None, **train_overrides) -> Path:

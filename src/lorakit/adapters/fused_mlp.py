@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapters.lora import LoRALinear, LoRASpec, lora_delta_backward, lora_delta_forward
-from lorakit.train import norm_recompute
+from lorakit.adapters.lora import LoRALinear, LoRASpec, lora_delta_backward, lora_delta_forward, shared_cast
 
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 RECOMPUTE = "lorakit_recompute"  # attribute of a fused MLP: True = keep x only, redo gate and up in backward
@@ -108,8 +107,7 @@ class _SwiGLULoRA(torch.autograd.Function):
     def forward(ctx, x, base_dtype, specs, recompute, *weights):  # type: ignore[override]
         # x (..., hidden); g, u (..., inter); y (..., hidden)
         gate, up, down = weights[0:4], weights[4:8], weights[8:12]
-        xb = x.to(base_dtype)
-        norm_recompute.note_cast(x, xb)  # under autocast: the copy backward keeps is recomputable too
+        xb = shared_cast(x, base_dtype)  # under autocast a bf16 copy, recomputable when x is a norm output
         g, g_mask, g_xa = _project(xb, *gate, specs[0])
         u, u_mask, u_xa = _project(xb, *up, specs[1])
         y, d_mask, d_xa = _project(F.silu(g) * u, *down, specs[2])

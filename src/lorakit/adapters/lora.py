@@ -154,6 +154,12 @@ class _CastCache:
 _CASTS = _CastCache()
 
 
+def shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype` without autograd: one copy for the calls on the same input (_CastCache), known to
+    train.recompute_norms when `x` is a norm's output."""
+    return _CASTS.cast(x, dtype)
+
+
 class _LoRAPath(torch.autograd.Function):
     """The training-time LoRA branch: lora_delta_forward, saving x in the compute dtype, the mask and u.
 

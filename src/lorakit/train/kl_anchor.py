@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lorakit.adapters.inject import adapters_disabled
 from lorakit.errors import LorakitError
-from lorakit.train.loss import IGNORE, chunk_rows, body_hidden, decoder_and_head, head_ce_sum, trained_rows
+from lorakit.train.loss import IGNORE, body_hidden, chunk_rows, decoder_and_head, head_ce_sum, trained_rows
 
 
 def anchor_positions(batch: dict[str, torch.Tensor], on: str | list[str]) -> torch.Tensor:

@@ -36,14 +36,14 @@ from lorakit.memory import allocator_in_use, find_tcmalloc, low_fragmentation, p
 from lorakit.models.attention import gqa_attention
 from lorakit.models.load import load_model, quant_spec
 from lorakit.train import distributed as dist
+from lorakit.train import norm_recompute
 from lorakit.train.checkpoint import TrainState, load_checkpoint, newest_usable_checkpoint, save_checkpoint
 from lorakit.train.early_stop import EarlyStop, check_rows
 from lorakit.train.frozen_cache import frozen_block_cache
 from lorakit.train.kl_anchor import KLAnchor
 from lorakit.train.log import MetricsLog, progress_bar
-from lorakit.train import norm_recompute
-from lorakit.train.memory_plan import plan
 from lorakit.train.loss import IGNORE, check_fast_loss, fast_loss_sum
+from lorakit.train.memory_plan import plan
 from lorakit.train.optim import build_optimizer, lr_at, set_lr
 from lorakit.train.support import (additive_mask, autocast_dtype, model_dtype, packing_works, prefix_mask_form,
                                    resolve_device, with_additive_masks)

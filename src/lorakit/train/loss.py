@@ -31,7 +31,9 @@ def chunk_rows(head: nn.Module) -> int:
     backward, at the start of backward when every activation is still kept, so the chunk adds to the
     peak: 1024 rows of SmolLM2's 49,152 logits were 3 x 200 MB; 160 rows are 3 x 31 MB, and a
     (160, 576) x (576, 49152) matmul is still large enough to run at full speed."""
-    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", (0,))[0]
+    vocab = getattr(head, "out_features", None)
+    if vocab is None and isinstance(getattr(head, "weight", None), torch.Tensor):
+        vocab = head.weight.shape[0]
     if not vocab:
         return CHUNK
     return max(16, min(CHUNK, (LOGIT_ELEMENTS // vocab) // 16 * 16))
