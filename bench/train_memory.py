@@ -73,20 +73,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra config overrides (key=value)")
     args = p.parse_args()
 
-    from lorakit.config import load_config
     from lorakit.data.batching import to_device
     from lorakit.memory import low_fragmentation, peak_rss_mb, rss_mb
-    from lorakit.train.loop import setup
 
-    work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
-    make_data(work / "data.jsonl")
-    overrides = [
-        f"model.name={model_dir('smollm2-135m-instruct', work)}", "model.dtype=fp32", f"data.train={work / 'data.jsonl'}",
-        "data.format=prompt_completion", "data.eval_ratio=0", "data.max_length=512", "adapter.r=16", "adapter.alpha=32",
-        "adapter.dropout=0", "adapter.target_modules=[all-linear]", "train.batch_size=4", f"train.precision={args.precision}",
-        f"output_dir={work}/run", *args.set,
-    ]
-    run = setup(load_config(None, overrides), False, __import__("rich.console").console.Console(quiet=True))
+    run = build_run(args.precision, args.set)
     print(f"after setup: RSS {rss_mb():.0f} MB, peak so far {peak_rss_mb():.0f} MB")
     batch = to_device(run.stream.next(), run.device)
     print(f"batch {tuple(batch['input_ids'].shape)}, precision {args.precision}, overrides {args.set}")
@@ -108,6 +98,24 @@ def main() -> None:
     print("\nlargest single shapes (per layer):")
     for (kind, dtype, shape), n in sorted(table.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {kind:14s} {dtype:9s} {shape!s:22s} {n / 2**20:7.0f} MiB total")
+
+
+def build_run(precision: str, extra: list[str] = ()):
+    """lorakit's run of bench/train_vs_peft.py's data (4 x 512, LoRA r=16 all-linear), set up in this process."""
+    from rich.console import Console
+
+    from lorakit.config import load_config
+    from lorakit.train.loop import setup
+
+    work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
+    make_data(work / "data.jsonl")
+    overrides = [
+        f"model.name={model_dir('smollm2-135m-instruct', work)}", "model.dtype=fp32", f"data.train={work / 'data.jsonl'}",
+        "data.format=prompt_completion", "data.eval_ratio=0", "data.max_length=512", "adapter.r=16", "adapter.alpha=32",
+        "adapter.dropout=0", "adapter.target_modules=[all-linear]", "train.batch_size=4", f"train.precision={precision}",
+        f"output_dir={work}/run", *extra,
+    ]
+    return setup(load_config(None, overrides), False, Console(quiet=True))
 
 
 def run_steps(run, batch: dict) -> None:
